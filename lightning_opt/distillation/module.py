@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import lightning
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -130,13 +133,21 @@ class DistillationModule(LightningModule):
         super().__init__()
         if not isinstance(student, LightningModule):
             raise ValueError(f"`student` must be a LightningModule, got {type(student).__name__}.")
+        given = _given_hyperparameters.get()
         self.save_hyperparameters(ignore=["student", "teacher"])
+        # Built by LightningCLI: keep the student's/teacher's YAML config (not the module objects) so that
+        # `DistillationModule.load_from_checkpoint` and resume can rebuild them.
+        for key in ("student", "teacher"):
+            if isinstance(given, Mapping) and isinstance(given.get(key), Mapping):
+                self._hparams[key] = copy.deepcopy(given[key])
+                self._hparams_initial[key] = copy.deepcopy(given[key])
         self.alpha = _check_value_or_schedule(alpha, "alpha")
         self.temperature = _check_value_or_schedule(temperature, "temperature")
         if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
             raise ValueError(f"`feature_weight` must be a finite number >= 0, got {feature_weight!r}.")
         self.feature_weight = float(feature_weight)
         self.student = student
+        self._fix_student_hparams()
         loaded = freeze(load_teacher(teacher, teacher_class, teacher_checkpoint))
         # Deliberately not registered as a sub-module (see the class docstring).
         object.__setattr__(self, "_teacher", loaded)
@@ -152,6 +163,27 @@ class DistillationModule(LightningModule):
         self.example_input_array = getattr(student, "example_input_array", None)
         if self.example_input_array is not None:
             self._probe(self.example_input_array)
+
+    def _fix_student_hparams(self) -> None:
+        """Give a student built from YAML its own hyperparameters.
+
+        LightningCLI records the *top-level* model config into every LightningModule it instantiates, the nested
+        student included, so the student's ``hparams`` would describe the DistillationModule and its checkpoints
+        would not load. Rebuild them from the student's own ``class_path``/``init_args`` the CLI recorded here.
+        """
+        cfg = self.hparams.get("student")
+        if not isinstance(cfg, Mapping) or "class_path" not in cfg:
+            return
+        hp: dict[str, Any] = {
+            "_class_path": cfg["class_path"],
+            **dict(cfg.get("init_args") or {}),
+            **dict(cfg.get("dict_kwargs") or {}),
+        }
+        if "_instantiator" in self.hparams:
+            hp["_instantiator"] = self.hparams["_instantiator"]
+        self.student._hparams = AttributeDict(hp)
+        self.student._hparams_initial = copy.deepcopy(self.student._hparams)
+        self.student._hparams_name = "kwargs"
 
     # ------------------------------------------------------------------ teacher plumbing
     @property
@@ -462,7 +494,6 @@ class DistillationModule(LightningModule):
         out["pytorch-lightning_version"] = lightning.__version__
         out["state_dict"] = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
         hp = dict(self.student.hparams)
-        hp.pop("_instantiator", None)
         out[LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = hp
         name = getattr(self.student, "_hparams_name", None)
         if name:
