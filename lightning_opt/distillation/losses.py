@@ -256,7 +256,7 @@ class FeatureAdapter(nn.Module):
             return x
         if self.mode == "conv":
             y = self.proj(x)
-            size = self.teacher_shape[1:]
+            size = (self.teacher_shape[1], self.teacher_shape[2])
             if tuple(y.shape[-2:]) != size:
                 if y.shape[-2] >= size[0] and y.shape[-1] >= size[1]:
                     y = F.adaptive_avg_pool2d(y, size)

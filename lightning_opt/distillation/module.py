@@ -117,6 +117,9 @@ class DistillationModule(LightningModule):
         ['student']
     """
 
+    _teacher: nn.Module
+    student: LightningModule
+
     def __init__(
         self,
         student: LightningModule,
@@ -137,10 +140,12 @@ class DistillationModule(LightningModule):
         self.save_hyperparameters(ignore=["student", "teacher"])
         # Built by LightningCLI: keep the student's/teacher's YAML config (not the module objects) so that
         # `DistillationModule.load_from_checkpoint` and resume can rebuild them.
+        hparams: Any = self._hparams
+        hparams_initial: Any = self._hparams_initial
         for key in ("student", "teacher"):
             if isinstance(given, Mapping) and isinstance(given.get(key), Mapping):
-                self._hparams[key] = copy.deepcopy(given[key])
-                self._hparams_initial[key] = copy.deepcopy(given[key])
+                hparams[key] = copy.deepcopy(given[key])
+                hparams_initial[key] = copy.deepcopy(given[key])
         self.alpha = _check_value_or_schedule(alpha, "alpha")
         self.temperature = _check_value_or_schedule(temperature, "temperature")
         if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
@@ -181,9 +186,10 @@ class DistillationModule(LightningModule):
         }
         if "_instantiator" in self.hparams:
             hp["_instantiator"] = self.hparams["_instantiator"]
-        self.student._hparams = AttributeDict(hp)
-        self.student._hparams_initial = copy.deepcopy(self.student._hparams)
-        self.student._hparams_name = "kwargs"
+        student: Any = self.student
+        student._hparams = AttributeDict(hp)
+        student._hparams_initial = copy.deepcopy(student._hparams)
+        student._hparams_name = "kwargs"
 
     # ------------------------------------------------------------------ teacher plumbing
     @property

@@ -68,3 +68,11 @@ def test_teacher_then_distill_recipe_writes_a_student_that_loads_alone(
     student.eval()
     model.eval()
     torch.testing.assert_close(student(x), model(x))
+    # student.yaml: the run's config with the student as the model, buildable without any teacher
+    from lightning_opt.cli import build_from_config
+
+    cli = build_from_config(["--config", str(run_dir / "student.yaml")])
+    assert type(cli.model) is ImageClassifier
+    assert type(cli.datamodule).__name__ == "DigitsDataModule"
+    assert not any(type(c).__name__ == "StudentCheckpoint" for c in cli.trainer.callbacks)
+    cli.model.load_state_dict(torch.load(run_dir / "student.ckpt", weights_only=True)["state_dict"])
