@@ -223,6 +223,9 @@ class DistillationModule(LightningModule):
     def _capture(self) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
         s_feats: dict[str, Tensor] = {}
         t_feats: dict[str, Tensor] = {}
+        if not self.feature_layers:  # the common case: no hooks, no module walk on the hot path
+            yield s_feats, t_feats
+            return
         handles = []
         s_mods, t_mods = dict(self.student.named_modules()), dict(self._teacher.named_modules())
         for s_name, t_name in self.feature_layers.items():
