@@ -221,7 +221,8 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
         path: the file written by :func:`save_pruned`.
 
     Returns:
-        ``model``, reshaped to the pruned architecture and holding the pruned weights.
+        ``model``, reshaped to the pruned architecture and holding the pruned weights, in ``model``'s train/eval
+        mode.
 
     Raises:
         ValueError: if the file was not written by :func:`save_pruned` or names a child ``model`` lacks.
@@ -229,9 +230,10 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or state.get("format") != "lightning_opt.pruned/1":
         raise ValueError(f"{path} was not written by lightning_opt.pruning.save_pruned.")
+    training = model.training
     for name, child_state in state["children"].items():
         child = getattr(model, name, None)
         if not isinstance(child, nn.Module):
             raise ValueError(f"{path} holds a child module {name!r} that {type(model).__name__} does not have.")
         tp.load_state_dict(child, state_dict=child_state)
-    return model
+    return model.train(training)  # the file also holds the train/eval flags of the moment it was saved
