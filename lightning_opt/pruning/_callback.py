@@ -176,6 +176,8 @@ class Pruning(Callback):
         self._target: float = 0.0
         self._total_steps: float | None = None
         self._removed = False
+        self.pruned_model_path: str | None = None  # set when remove_channels wrote pruned_model.pt
+        self.removal_figures: dict[str, Any] = {}  # before/after figures of the channel removal
         # runtime
         self._modules: dict[str, nn.Module] = {}
         self._weights: list[str] = []  # names of the pruned weights (roots for channel)
@@ -186,6 +188,13 @@ class Pruning(Callback):
         self._handles: list[Any] = []
         self._hooked: list[int] = []
         self._pending: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # runtime references (dependency graph, hook handles, parameters) are rebuilt in setup/on_fit_start; leaving
+        # them out keeps the callback picklable (ddp_spawn) and deep-copyable (anything copying the trainer)
+        state = dict(self.__dict__)
+        state.update(_groups=None, _handles=[], _hooked=[], _params={}, _hot_params=[], _hot_masks=[], _modules={})
+        return state
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -527,24 +536,28 @@ class Pruning(Callback):
         example = self._example_input(pl_module)
         device = next(pl_module.parameters()).device
         example = example.to(device) if isinstance(example, Tensor) else example
+        report = _find_report(trainer)
+        measure = report.measure if report is not None else _measure
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             before_out = pl_module(example)
-        before = _measure(pl_module, example)
+        before = measure(pl_module, example) if trainer.is_global_zero else {}
         removed = self._groups.remove(self._keeps)
         with torch.no_grad():
             after_out = pl_module(example)
-        after = _measure(pl_module, example)
+        after = measure(pl_module, example) if trainer.is_global_zero else {}
         pl_module.train(was_training)
         self._removed = True
         self._hot_params, self._hot_masks, self._params = [], [], {}
         err = float((before_out - after_out).abs().max()) if isinstance(before_out, Tensor) else float("nan")
         if err > 1e-3 * max(1.0, float(before_out.abs().max())):
             rank_zero_warn(f"Pruning: outputs after channel removal differ from the masked model by {err:.3g}.")
-        after["channels_removed"] = removed
-        after["max_abs_output_diff"] = err
-        self._report(trainer, before, after)
+        self.removal_figures = {"before": before, "after": after, "channels_removed": removed, "max_abs_diff": err}
+        if trainer.is_global_zero:
+            after["channels_removed"] = removed
+            after["max_abs_output_diff"] = err
+            self._report(trainer, report, before, after)
         self._save(trainer, pl_module)
 
     @rank_zero_only
@@ -556,12 +569,7 @@ class Pruning(Callback):
         self.pruned_model_path = str(path)
 
     @rank_zero_only
-    def _report(self, trainer: pl.Trainer, before: dict[str, Any], after: dict[str, Any]) -> None:
-        try:
-            from lightning_opt.reporting import CompressionReport
-        except ImportError:  # pragma: no cover - the report is optional
-            CompressionReport = None
-        report = CompressionReport.find(trainer) if CompressionReport is not None else None
+    def _report(self, trainer: pl.Trainer, report: Any, before: dict[str, Any], after: dict[str, Any]) -> None:
         if report is not None:
             report.add_stage("pruned (masked)", before)
             report.add_stage("channels removed", after)
@@ -653,11 +661,15 @@ def _sparsity_figure(rows: list[dict[str, Any]]) -> Any:
     return fig
 
 
+def _find_report(trainer: pl.Trainer) -> Any:
+    from lightning_opt.reporting import CompressionReport
+
+    return CompressionReport.find(trainer)
+
+
 def _measure(model: nn.Module, example: Any) -> dict[str, Any]:
-    try:
-        from lightning_opt.measure import measure_model
-    except ImportError:  # pragma: no cover - measure lands with the foundation
-        return {"params": sum(p.numel() for p in model.parameters())}
+    from lightning_opt.measure import measure_model
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return dict(measure_model(model, example, latency=True))

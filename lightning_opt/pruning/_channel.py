@@ -191,9 +191,9 @@ class ChannelGroups:
 def save_pruned(model: nn.Module, path: str | Path) -> None:
     """Save a model whose channels were removed: weights and the changed layer shapes (``tp.state_dict``).
 
-    Each direct child module is stored with Torch-Pruning's ``tp.state_dict`` (the root's own attributes are left
-    out, so a LightningModule with its Trainer reference saves too). Reload with :func:`load_pruned` into a freshly
-    built model of the same class.
+    Each direct child module that holds parameters is stored with Torch-Pruning's ``tp.state_dict`` (the root's own
+    attributes and parameter-free children such as metrics are left out, so a LightningModule saves too). Reload
+    with :func:`load_pruned` into a freshly built model of the same class.
 
     Args:
         model: the pruned model (a LightningModule or any ``nn.Module``).
@@ -209,7 +209,11 @@ def save_pruned(model: nn.Module, path: str | Path) -> None:
         >>> load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), p)[1].in_features
         2
     """
-    children = {name: tp.state_dict(child) for name, child in model.named_children()}
+    children = {
+        name: tp.state_dict(child)
+        for name, child in model.named_children()
+        if any(True for _ in child.parameters())  # metrics and other parameter-free children are rebuilt as they are
+    }
     torch.save({"format": "lightning_opt.pruned/1", "children": children}, path)
 
 
