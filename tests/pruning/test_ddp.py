@@ -7,7 +7,7 @@ import torch
 from conftest import LitNet, loaders, make_trainer
 from lightning.pytorch import Callback, seed_everything
 
-from lightning_opt.pruning import Pruning, RandomCriterion, TaylorCriterion
+from lightning_opt.pruning import Pruning, RandomCriterion
 from lightning_opt.schedules import PolynomialSchedule
 
 
@@ -24,8 +24,8 @@ class SaveRankState(Callback):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("criterion", [RandomCriterion(seed=3), TaylorCriterion()])
-def test_ddp_masks_identical_and_exact(tmp_path, criterion):
+def test_ddp_masks_identical_and_exact(tmp_path):
+    criterion = RandomCriterion(seed=3)  # random scores: identical only if seeded/broadcast the same on each rank
     seed_everything(0)
     cb = Pruning(schedule=PolynomialSchedule(final=0.9, start=0.0, end=0.75, frequency=2), criterion=criterion)
     trainer = make_trainer(tmp_path, [cb, SaveRankState(tmp_path, cb)], strategy="ddp_spawn", devices=2, max_epochs=2)
