@@ -147,7 +147,7 @@ def bench_overhead(quick: bool) -> list[str]:
         med = {k: statistics.median(v) for k, v in times.items()}
         n_params = count_parameters(build())
 
-        def cell(name: str) -> str:
+        def cell(name: str, med: dict[str, float] = med, per_round: dict[str, list[float]] = per_round) -> str:
             rs = per_round[name]
             return f"{med[name] / med['dense']:.3f}x (rounds {min(rs):.3f}-{max(rs):.3f})"
 
@@ -214,7 +214,8 @@ def bench_accuracy(quick: bool, seeds: list[int], epochs: int) -> list[str]:
             acc, zeros = _accuracy_run(method, s, seed, epochs, limit)
             results.setdefault((method, s), []).append((acc, zeros))
             print(
-                f"  seed {seed} {method:12s} {s:.2f}: test acc {acc:.2f}, sparsity {zeros:.4f} ({time.perf_counter() - t0:.0f}s)",
+                f"  seed {seed} {method:12s} {s:.2f}: test acc {acc:.2f}, sparsity {zeros:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
 
@@ -310,11 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     out: list[str] = [f"torch {torch.__version__}, lightning {pl.__version__}, torch threads {THREADS}", ""]
     t0 = time.perf_counter()
     if "overhead" in args.parts:
-        out += bench_overhead(args.quick) + [""]
+        out += [*bench_overhead(args.quick), ""]
     if "channels" in args.parts:
-        out += bench_channels(args.quick) + [""]
+        out += [*bench_channels(args.quick), ""]
     if "accuracy" in args.parts:
-        out += bench_accuracy(args.quick, seeds, epochs) + [""]
+        out += [*bench_accuracy(args.quick, seeds, epochs), ""]
     out.append(f"total {time.perf_counter() - t0:.0f}s")
     print("\n" + "\n".join(out))
 
