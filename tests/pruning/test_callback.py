@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LitNet, loaders, make_trainer
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
+from pruning_helpers import LitNet, loaders, make_trainer
 
 from lightning_opt.pruning import Pruning, RandomCriterion, TaylorCriterion, load_pruned
 from lightning_opt.schedules import IterativeSchedule, LinearSchedule, OneShotSchedule, PolynomialSchedule

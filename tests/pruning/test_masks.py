@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_net
+from pruning_helpers import make_net
 from torch import nn
 
 from lightning_opt.pruning import (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import LitNet, loaders, make_trainer
+from pruning_helpers import LitNet, loaders, make_trainer
 
 from lightning_opt.pruning import Pruning
 from lightning_opt.schedules import LinearSchedule, OneShotSchedule, PolynomialSchedule

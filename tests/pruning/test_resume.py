@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LitNet, loaders, make_trainer
 from lightning.pytorch import Callback, seed_everything
+from pruning_helpers import LitNet, loaders, make_trainer
 
 from lightning_opt.pruning import Pruning, RandomCriterion
 from lightning_opt.schedules import PolynomialSchedule

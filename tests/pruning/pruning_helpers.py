@@ -1,22 +1,16 @@
-"""Tiny models, data and trainers for the pruning tests (self-contained, CPU, seconds)."""
+"""Tiny models, data and trainers for the pruning tests (self-contained, CPU, seconds).
+
+A uniquely named module (not ``conftest``) so that it never collides with other test directories' helpers.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Block(nn.Module):
