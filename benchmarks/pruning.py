@@ -158,6 +158,70 @@ def bench_overhead(quick: bool) -> list[str]:
     return lines
 
 
+def bench_isolated(quick: bool) -> list[str]:
+    """The two mechanisms alone, in a plain PyTorch loop (no Trainer): less noise than whole Lightning steps.
+
+    Ours: an ``optimizer.register_step_post_hook`` doing one ``torch._foreach_mul_`` of the masked weights (what
+    ``Pruning`` installs). ModelPruning's: ``torch.nn.utils.prune.global_unstructured`` (forward pre-hooks computing
+    ``weight = weight_orig * weight_mask`` on every forward, and its backward).
+    """
+    from torch.nn.utils import prune
+
+    reps = 6 if quick else 30
+    cases = {
+        "MLP 784-2048-2048-2048-10": (lambda: MLP(in_features=784, hidden=(2048, 2048, 2048)), (1, 28, 28)),
+        "SmallCNN [32, 64, 64]": (lambda: SmallCNN(channels=(32, 64, 64)), (1, 28, 28)),
+    }
+    lines = [
+        f"### The masking mechanisms alone (plain PyTorch loop, Adam, batch 64, {THREADS} thread, {reps} interleaved "
+        "repetitions)",
+        "",
+        "| model | dense step (ms) | post-step mask (ours) / dense | prune hooks (ModelPruning) / dense |",
+        "|---|---|---|---|",
+    ]
+    for label, (build, shape) in cases.items():
+        torch.manual_seed(0)
+        x, y = torch.randn(64, *shape), torch.randint(0, 10, (64,))
+        setups = {}
+        for name in ("dense", "ours", "hooks"):
+            model = build()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            weights = [m.weight for m, _ in _prunable(model)]
+            if name == "ours":
+                masks = [(torch.rand_like(w) > 0.9).to(w.dtype) for w in weights]
+
+                def post(o, a, k, weights=weights, masks=masks):
+                    with torch.no_grad():
+                        torch._foreach_mul_(weights, masks)
+
+                opt.register_step_post_hook(post)
+            elif name == "hooks":
+                prune.global_unstructured(_prunable(model), pruning_method=prune.L1Unstructured, amount=0.9)
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            setups[name] = (model, opt)
+
+        def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor = x, y: torch.Tensor = y) -> float:
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            return time.perf_counter() - t0
+
+        times: dict[str, list[float]] = {k: [] for k in setups}
+        for r in range(reps + 2):
+            for name in list(setups)[r % 3 :] + list(setups)[: r % 3]:
+                t = step(*setups[name])
+                if r >= 2:
+                    times[name].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        lines.append(
+            f"| {label} | {med['dense'] * 1e3:.1f} | {med['ours'] / med['dense']:.3f}x "
+            f"| {med['hooks'] / med['dense']:.3f}x |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------------- accuracy
 def _incremental_amounts(targets: list[float]) -> list[float]:
     """ModelPruning's ``amount`` is a fraction of the weights still unpruned: 1 - (1 - s_t) / (1 - s_{t-1})."""
@@ -301,7 +365,7 @@ def bench_channels(quick: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small version of every part (minutes)")
-    parser.add_argument("--parts", nargs="+", default=["overhead", "accuracy", "channels"])
+    parser.add_argument("--parts", nargs="+", default=["overhead", "isolated", "accuracy", "channels"])
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="accuracy seeds (default 0 1 2; quick: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="accuracy epochs (default 15; quick: 2)")
     args = parser.parse_args(argv)
@@ -312,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if "overhead" in args.parts:
         out += [*bench_overhead(args.quick), ""]
+    if "isolated" in args.parts:
+        out += [*bench_isolated(args.quick), ""]
     if "channels" in args.parts:
         out += [*bench_channels(args.quick), ""]
     if "accuracy" in args.parts:
