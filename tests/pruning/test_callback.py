@@ -185,3 +185,20 @@ def test_load_from_checkpoint_has_the_zeros(tmp_path):
         assert (dict(loaded.named_parameters())[name][~mask] == 0).all()
     assert set(loaded.state_dict()) == set(model.state_dict())
     assert "masks" in torch.load(path, weights_only=False)["callbacks"][cb.state_key]
+
+
+def test_fractions_follow_max_steps(tmp_path):
+    """`end=1.0` is the last optimizer step of the run, whether max_steps or max_epochs ends it."""
+    sched = LinearSchedule(final=0.6, start=0.0, end=1.0, frequency=3)
+    cb = Pruning(schedule=sched)
+    _, rec, trainer = _fit(tmp_path, cb, max_epochs=100, max_steps=10)
+    assert trainer.estimated_stepping_batches == 10
+    assert rec.changes == [u if u else 1 for u in sched.update_steps(10)]
+    assert cb.global_sparsity() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_zeros_stay_zero_under_amp(tmp_path):
+    cb = Pruning(schedule=PolynomialSchedule(final=0.7, end=0.5, frequency=2))
+    model, _, _ = _fit(tmp_path, cb, precision="bf16-mixed")  # Recorder checks zeros after every step
+    assert cb.global_sparsity() == pytest.approx(0.7, abs=1e-3)
+    assert model.net[1].weight.dtype == torch.float32
