@@ -294,10 +294,12 @@ class Pruning(Callback):
                 self._modules = {k: v for k, v in self._modules.items() if k not in bad}
             if not self._modules:
                 raise ValueError(f"No module has an input dimension divisible by m={self.m}; nothing to prune.")
-        if self.remove_channels and getattr(trainer.strategy, "_start_method", None) == "spawn":
+        start_method = getattr(trainer.strategy, "_start_method", None)
+        if self.remove_channels and start_method in ("spawn", "fork", "forkserver"):
             raise ValueError(
-                "`remove_channels=True` cannot be used with a spawn-launched strategy (ddp_spawn): the main process "
-                "reloads the full-size weights from the workers. HINT: use strategy='ddp' or 'ddp_fork'."
+                f"`remove_channels=True` cannot be used with strategy 'ddp_{start_method}': the main process reloads "
+                "the full-size weights from the workers after fit. HINT: use strategy='ddp' (one process per device, "
+                "launched as subprocesses)."
             )
         if self.granularity == "channel":
             example = self._example_input(pl_module)

@@ -82,8 +82,9 @@ def test_channel_needs_example_input(tmp_path):
         trainer.fit(model, *loaders())
 
 
-def test_remove_channels_rejects_ddp_spawn(tmp_path):
+@pytest.mark.ddp
+def test_remove_channels_rejects_multiprocessing_launchers(tmp_path):
     cb = Pruning(schedule=OneShotSchedule(final=0.5), granularity="channel", remove_channels=True)
-    trainer = make_trainer(tmp_path, [cb], strategy="ddp_spawn", devices=2)
-    with pytest.raises(Exception, match="`remove_channels=True` cannot be used with a spawn-launched strategy"):
+    trainer = make_trainer(tmp_path, [cb], strategy="ddp_fork", devices=2)
+    with pytest.raises(Exception, match="`remove_channels=True` cannot be used with strategy 'ddp_fork'"):
         trainer.fit(LitNet("cnn"), *loaders())
