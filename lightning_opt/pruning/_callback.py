@@ -283,8 +283,11 @@ class Pruning(Callback):
                     f"`overrides` pattern {pattern!r} matches no pruned module. Pruned modules: {list(self._modules)}."
                 )
         if self.granularity == "nm":
+            weights = {name: mod.weight for name, mod in self._modules.items()}
             bad = [
-                name for name, mod in self._modules.items() if mod.weight.dim() < 2 or mod.weight.shape[1] % self.m != 0
+                name
+                for name, w in weights.items()
+                if not isinstance(w, Tensor) or w.dim() < 2 or w.shape[1] % self.m != 0
             ]
             if bad:
                 rank_zero_warn(

@@ -89,7 +89,9 @@ class ChannelGroups:
         root_set = {id(m) for m in roots.values()}
         prunable_types = _CONV + _CONV_T + (nn.Linear,)
         outputs = [m for m, node in self.dg.module2node.items() if isinstance(m, nn.Module) and not node.outputs]
-        ignored = [m for m in model.modules() if isinstance(m, prunable_types) and id(m) not in root_set]
+        ignored: list[nn.Module] = [
+            m for m in model.modules() if isinstance(m, prunable_types) and id(m) not in root_set
+        ]
         ignored += outputs
         self.output_layers = [module_names[m] for m in outputs if m in module_names]
         self.groups: dict[str, _Group] = {}
@@ -131,7 +133,9 @@ class ChannelGroups:
 
     def root_weight(self, name: str) -> Tensor:
         """The root layer's weight of group ``name``."""
-        return self.groups[name].root.weight
+        weight = self.groups[name].root.weight
+        assert isinstance(weight, Tensor)
+        return weight
 
     def channel_scores(self, name: str, elementwise: Tensor) -> Tensor:
         """Sum an elementwise score of the root weight over each output channel.
