@@ -202,3 +202,29 @@ def test_zeros_stay_zero_under_amp(tmp_path):
     model, _, _ = _fit(tmp_path, cb, precision="bf16-mixed")  # Recorder checks zeros after every step
     assert cb.global_sparsity() == pytest.approx(0.7, abs=1e-3)
     assert model.net[1].weight.dtype == torch.float32
+
+
+def test_rebind_after_model_swapped_for_exported_graph(tmp_path):
+    """A QAT-style callback swaps in a torch.export graph module mid-training; rebind keeps the zeros by name."""
+
+    class SwapForExported(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch != 1:
+                return
+            example = (torch.zeros(16, 1, 8, 8),)
+            batch = {0: torch.export.Dim("batch", min=2)}
+            from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+            graph = torch.export.export(pl_module.net, example, dynamic_shapes=(batch,), strict=True).module()
+            pl_module.net = allow_exported_model_train_eval(graph)
+            trainer.optimizers = [torch.optim.Adam(pl_module.parameters(), lr=0.01)]
+            missing = Pruning.find(trainer).rebind(pl_module, trainer.optimizers)
+            assert missing == []
+
+    cb = Pruning(schedule=PolynomialSchedule(final=0.8, start=0.0, end=1.0, frequency=2))
+    model, rec, _ = _fit(tmp_path, cb, extra=[SwapForExported()], max_epochs=3)  # Recorder checks zeros each step
+    assert isinstance(model.net, torch.fx.GraphModule)
+    assert rec.changes[-1] == 24  # updates continued on the exported module
+    assert cb.global_sparsity() == pytest.approx(0.8, abs=1e-3)
+    weights = [p for n, p in model.named_parameters() if n in cb.masks]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
