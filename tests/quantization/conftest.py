@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    yield
+    torch.set_num_threads(previous)
