@@ -65,8 +65,10 @@ def format_report_markdown(stages: dict[str, dict[str, Any]], baseline: str = "b
         row = [_LABELS.get(key, key), *(_fmt(stages[n].get(key)) for n in names)]
         for n in others:
             a, b = stages[baseline].get(key), stages[n].get(key)
-            ok = key in RATIO_KEYS and isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
-            row.append(f"{a / b:.2f}x" if ok else "")
+            if key in RATIO_KEYS and isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+                row.append(f"{a / b:.2f}x")
+            else:
+                row.append("")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -208,7 +210,7 @@ class CompressionReport(Callback):
         }
 
     @rank_zero_only
-    def write(self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None) -> Path:
+    def write(self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None) -> Path | None:
         """Write ``report.json`` and ``report.md`` (and, with a trainer, the TensorBoard text and scalars)."""
         if output_dir is not None:
             self.output_dir = Path(output_dir)
@@ -229,7 +231,7 @@ class CompressionReport(Callback):
             }
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_text"):
+                if experiment is not None and hasattr(experiment, "add_text"):
                     experiment.add_text("compression_report", table, global_step=step)
                 logger.log_metrics(scalars, step=step)
                 logger.save()
