@@ -156,8 +156,14 @@ def export_checkpoint(
                 runner_compile = compile
             figures.update(
                 _artifact.measure_artifact(
-                    artifact, fp32_model, example, test_batches, compile=runner_compile, latency=latency,
-                    num_threads=num_threads, batch_size=batch_size,
+                    artifact,
+                    fp32_model,
+                    example,
+                    test_batches,
+                    compile=runner_compile,
+                    latency=latency,
+                    num_threads=num_threads,
+                    batch_size=batch_size,
                 )  # fmt: skip
             )
         else:
@@ -169,8 +175,14 @@ def export_checkpoint(
             session = _onnx.OnnxRuntimeModel(output, num_threads=num_threads)
             figures.update(
                 _artifact.measure_artifact(
-                    session, fp32_model, example, test_batches, compile=False, latency=latency,
-                    num_threads=num_threads, batch_size=batch_size,
+                    session,
+                    fp32_model,
+                    example,
+                    test_batches,
+                    compile=False,
+                    latency=latency,
+                    num_threads=num_threads,
+                    batch_size=batch_size,
                 )  # fmt: skip
             )
     figures["size_bytes"] = size

@@ -130,11 +130,15 @@ def measure_artifact(
         int8_runs, fp32_runs = [], []
         rounds = 3 if reference is not None else 1
         for _ in range(rounds):  # interleave so machine noise hits both alike
-            int8_runs.append(measure_latency(runner, timed, warmup=3, repeats=max(repeats // rounds, 1),
-                                             num_threads=num_threads))
+            int8_runs.append(
+                measure_latency(runner, timed, warmup=3, repeats=max(repeats // rounds, 1), num_threads=num_threads)
+            )
             if reference is not None:
-                fp32_runs.append(measure_latency(reference.eval(), timed, warmup=2,
-                                                 repeats=max(repeats // rounds, 1), num_threads=num_threads))
+                fp32_runs.append(
+                    measure_latency(
+                        reference.eval(), timed, warmup=2, repeats=max(repeats // rounds, 1), num_threads=num_threads
+                    )
+                )
         figures["latency_ms"] = float(sorted(r.median_ms for r in int8_runs)[len(int8_runs) // 2])
         figures["latency_spread_ms"] = float(sorted(r.spread_ms for r in int8_runs)[len(int8_runs) // 2])
         if fp32_runs:

@@ -368,7 +368,8 @@ class QuantizationAwareTraining(_Int8Callback):
         weight_scheme: only ``"per_channel_symmetric"``.
         activation_scheme: only ``"per_tensor_affine"``.
         reduce_range: 7-bit activations, for CPUs without VNNI whose int8 kernels could saturate.
-        preserve_sparsity: keep weights that are exactly zero when QAT starts at zero (pruned models).
+        preserve_sparsity: keep weights that are exactly zero when training starts at zero (pruned models),
+            re-applied after every optimizer step.
         convert_on_fit_end: convert, save and measure the int8 artifact when fit ends.
         artifact_path: where to save the ``.pt2``; default ``<log_dir>/int8.pt2``.
         evaluate: evaluate the artifact on the datamodule's test set.
@@ -479,22 +480,22 @@ class QuantizationAwareTraining(_Int8Callback):
         graph = self.graph(pl_module)
         if graph is None or self.start_step is None:
             return
+        _pt2e.sync_mode(graph)  # Lightning restores `.training` by assignment after validation
         phase = self.phase_at(trainer.global_step)
         if phase == self._phase:
             return
         active, observers, bn_frozen = phase
-        if active and (self._phase is None or not self._phase[0]) and self.preserve_sparsity:
-            self._masks = {
-                name: p.detach() != 0
-                for name, p in graph.named_parameters()
-                if p.dim() > 1 and bool((p == 0).any())
-            }
         _pt2e.set_graph_mode(graph, bool(_pt2e.state_of(graph).get("training", True)), bn_frozen=bn_frozen)
         _pt2e.set_phase(graph, fake_quant=active, observers=observers)
         self._phase = phase
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        graph = self.graph(pl_module)
+        if self.preserve_sparsity and graph is not None:
+            self._masks = {
+                name: p.detach() != 0 for name, p in graph.named_parameters() if p.dim() > 1 and bool((p == 0).any())
+            }
         self._apply_phase(trainer, pl_module)
 
     @override

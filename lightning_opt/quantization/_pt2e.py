@@ -343,6 +343,15 @@ def set_graph_mode(graph: torch.fx.GraphModule, training: bool, bn_frozen: bool 
             args[5] = bn_training
             node.args = tuple(args)
             changed = True
+        elif (
+            node.target is torch.ops.aten.add_.Tensor
+            and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].op == "get_attr"
+            and str(node.args[0].target).endswith("num_batches_tracked")
+            and node.args[1] != int(bn_training)
+        ):  # BatchNorm's step counter: counts only while the statistics update
+            node.args = (node.args[0], int(bn_training))
+            changed = True
         elif node.target in _DROPOUT_TARGETS and node.args[2] != training:
             args = list(node.args)
             args[2] = training
@@ -379,11 +388,12 @@ def _apply_mode(graph: torch.fx.GraphModule, mode: bool) -> None:
             module.observer_enabled.fill_(int(live))
 
 
-def _sync_mode(graph: nn.Module, args: Any) -> None:
-    """Forward pre-hook: follow ``graph.training`` even when it was set without ``train()``.
+def sync_mode(graph: nn.Module, *args: Any) -> None:
+    """Make the graph's ops follow ``graph.training`` when it was assigned without ``train()``/``eval()``.
 
-    Lightning's evaluation loop restores module modes by assigning ``.training`` directly; this keeps the graph's
-    BatchNorm/dropout flags and observers in step with it (a dict lookup per forward; rewrites only on change).
+    Lightning's evaluation loop restores module modes by assigning ``.training`` directly, so the QAT callback
+    calls this at each training batch start. It is also a forward pre-hook of the graph; note that a pre-hook runs
+    after ``nn.Module`` has looked up ``forward``, so that call still runs the old code and the next one the new.
     """
     if graph.training != state_of(graph).get("training"):  # type: ignore[arg-type]
         _apply_mode(graph, graph.training)  # type: ignore[arg-type]
@@ -411,7 +421,7 @@ def install_train_eval(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.train = types.MethodType(_train, graph)  # type: ignore[method-assign]
     graph.eval = types.MethodType(_eval, graph)  # type: ignore[method-assign]
     if not getattr(graph, "_lightning_opt_sync", False):
-        graph.register_forward_pre_hook(_sync_mode)
+        graph.register_forward_pre_hook(sync_mode)
         graph._lightning_opt_sync = True
     graph.training = bool(state_of(graph).get("training", graph.training))
     return graph
@@ -572,8 +582,10 @@ def quant_ranges(graph: torch.fx.GraphModule) -> dict[str, dict[str, float]]:
         src = node.args[0]
         if not isinstance(src, torch.fx.Node):
             continue
-        if src.op == "get_attr":
-            name = str(src.target)
+        per_channel = getattr(module, "qscheme", None) in (torch.per_channel_symmetric, torch.per_channel_affine)
+        if per_channel:
+            users = [u for u in _users_through_dequant(node) if u.target in _COMPUTE_TARGETS]
+            name = (_node_layer_name(users[0]) if users else _node_layer_name(src)) + ".weight"
             out[name] = {
                 "scale_mean": float(scale.float().mean()),
                 "scale_min": float(scale.float().min()),
@@ -587,6 +599,23 @@ def quant_ranges(graph: torch.fx.GraphModule) -> dict[str, dict[str, float]]:
                 key = f"{name}#{i}"
             out[key] = {"scale": float(scale.float().flatten()[0]), "zero_point": float(zero_point.flatten()[0])}
     return out
+
+
+def _users_through_dequant(node: torch.fx.Node, depth: int = 3) -> list[torch.fx.Node]:
+    """Users of ``node``, looking through up to ``depth`` intermediate nodes (reshape, dequantize, ...)."""
+    found: list[torch.fx.Node] = []
+    frontier = list(node.users)
+    for _ in range(depth):
+        nxt: list[torch.fx.Node] = []
+        for user in frontier:
+            if user.op == "call_function" and user.target in _COMPUTE_TARGETS:
+                found.append(user)
+            else:
+                nxt.extend(user.users)
+        if found:
+            return found
+        frontier = nxt
+    return found
 
 
 class _Recorder(torch.fx.Interpreter):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 class TinyNet(nn.Module):
     """Conv-BN-ReLU x2, global average pool, dropout, linear head: exercises conv-bn fusion, BN and dropout."""
 
-    def __init__(self, width: int = 8, num_classes: int = 4) -> None:
+    def __init__(self, width: int = 8, num_classes: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1),
@@ -21,7 +21,7 @@ class TinyNet(nn.Module):
             nn.BatchNorm2d(width * 2),
             nn.ReLU(),
         )
-        self.drop = nn.Dropout(0.1)
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(width * 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,10 +31,10 @@ class TinyNet(nn.Module):
 class TinyClassifier(pl.LightningModule):
     """A LightningModule with a ``backbone`` that restores QAT structure from checkpoints."""
 
-    def __init__(self, width: int = 8, lr: float = 0.01) -> None:
+    def __init__(self, width: int = 8, lr: float = 0.01, dropout: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = TinyNet(width)
+        self.backbone = TinyNet(width, dropout=dropout)
         self.example_input_array = torch.zeros(1, 1, 8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
