@@ -164,7 +164,7 @@ def export_checkpoint(
                     latency=latency,
                     num_threads=num_threads,
                     batch_size=batch_size,
-                )  # fmt: skip
+                )
             )
         else:
             fp32_path = output if quantize == "none" else str(Path(output).with_suffix("")) + ".fp32.onnx"
@@ -183,7 +183,7 @@ def export_checkpoint(
                     latency=latency,
                     num_threads=num_threads,
                     batch_size=batch_size,
-                )  # fmt: skip
+                )
             )
     figures["size_bytes"] = size
     figures["artifact"] = os.path.abspath(output)

@@ -415,9 +415,20 @@ class QuantizationAwareTraining(_Int8Callback):
         log_every_n_val: int = 1,
     ) -> None:
         super().__init__(
-            module, skip, dtype, weight_scheme, activation_scheme, reduce_range, convert_on_fit_end, artifact_path,
-            evaluate, compile, latency, num_threads, latency_batch_size,
-        )  # fmt: skip
+            module,
+            skip,
+            dtype,
+            weight_scheme,
+            activation_scheme,
+            reduce_range,
+            convert_on_fit_end,
+            artifact_path,
+            evaluate,
+            compile,
+            latency,
+            num_threads,
+            latency_batch_size,
+        )
         _check_point("start", start, allow_none=False)
         _check_point("freeze_observers", freeze_observers, allow_none=True)
         _check_point("freeze_bn", freeze_bn, allow_none=True)
@@ -633,9 +644,20 @@ class PostTrainingQuantization(_Int8Callback):
         if calibration_batches < 1:
             raise ValueError(f"`calibration_batches` must be >= 1, got {calibration_batches}.")
         super().__init__(
-            module, skip, dtype, weight_scheme, activation_scheme, reduce_range, True, artifact_path, evaluate,
-            compile, latency, num_threads, latency_batch_size,
-        )  # fmt: skip
+            module,
+            skip,
+            dtype,
+            weight_scheme,
+            activation_scheme,
+            reduce_range,
+            True,
+            artifact_path,
+            evaluate,
+            compile,
+            latency,
+            num_threads,
+            latency_batch_size,
+        )
         self.calibration_batches = calibration_batches
 
     @override
