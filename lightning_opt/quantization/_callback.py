@@ -290,6 +290,14 @@ class _Int8Callback(Callback):
         """Convert ``graph`` to int8, save the ``.pt2``, reload it, evaluate and time it, report the figures."""
         assert self.spec is not None
         path = self.spec.module
+        missing = _pt2e.unobserved(graph)
+        if missing and trainer.datamodule is not None:  # type: ignore[attr-defined]
+            rank_zero_warn(
+                f"{len(missing)} quantizers never observed data (training ended before their observers ran); "
+                "calibrating them on 4 training batches before conversion."
+            )
+            loader = trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]
+            _pt2e.observe(graph, [_artifact.first_input(b) for _, b in zip(range(4), loader)])
         converted = _pt2e.convert(graph)
         example = self.spec.example_input()
         eager = _artifact.eager_of(graph)
@@ -467,6 +475,12 @@ class QuantizationAwareTraining(_Int8Callback):
                 f"({int(total)} steps): fake quantization would never run. HINT: use a fraction such as 0.5, or "
                 "raise max_steps/max_epochs."
             )
+        if (
+            isinstance(self.freeze_observers, float)
+            and self.freeze_observers_step is not None
+            and self.freeze_observers_step <= self.start_step
+        ):  # fractions of a very short run can round onto `start`: observe for at least one step
+            self.freeze_observers_step = self.start_step + 1
         for name, value in (("freeze_observers", self.freeze_observers_step), ("freeze_bn", self.freeze_bn_step)):
             if value is not None and value < self.start_step:
                 raise ValueError(

@@ -265,9 +265,24 @@ def build_quantizer(spec: QuantSpec) -> Any:
         get_default_x86_inductor_quantization_config,
     )
 
+    class _Quantizer(X86InductorQuantizer):
+        """Drops the empty "keep fp32" annotations of skipped modules once annotation is done.
+
+        torchao marks skipped ops as annotated with no quantization specs; its QAT conv-bn fusion then indexes
+        the empty spec list and fails (IndexError). Without an annotation the ops simply stay fp32.
+        """
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            for node in model.graph.nodes:
+                annotation = node.meta.get("quantization_annotation")
+                if annotation is not None and not annotation.input_qspec_map and annotation.output_qspec is None:
+                    del node.meta["quantization_annotation"]
+            return model
+
     validate_scheme(spec.dtype, spec.weight_scheme, spec.activation_scheme)
     config = get_default_x86_inductor_quantization_config(is_qat=spec.mode == "qat", reduce_range=spec.reduce_range)
-    quantizer = X86InductorQuantizer().set_global(config)
+    quantizer = (_Quantizer() if spec.skip else X86InductorQuantizer()).set_global(config)
     for name in spec.skip:
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
@@ -301,11 +316,37 @@ def prepare(module: nn.Module, spec: QuantSpec, example: torch.Tensor | None = N
         "observers": spec.mode != "qat",
     }
     install_train_eval(prepared)
+    _check_skipped(prepared, spec.skip)
     if spec.mode == "qat":
         set_phase(prepared, fake_quant=False, observers=False)
     else:
         prepared.eval()
     return prepared
+
+
+def quantized_weight_layers(graph: torch.fx.GraphModule) -> list[str]:
+    """Names of the conv/linear layers whose weights the prepared graph quantizes."""
+    names = []
+    for node in graph.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith("activation_post_process"):
+            continue
+        module = graph.get_submodule(str(node.target))
+        if getattr(module, "qscheme", None) in (torch.per_channel_symmetric, torch.per_channel_affine):
+            names += [_node_layer_name(u) for u in _users_through_dequant(node) if u.target in _COMPUTE_TARGETS]
+    return names
+
+
+def _check_skipped(graph: torch.fx.GraphModule, skip: Sequence[str]) -> None:
+    quantized = quantized_weight_layers(graph)
+    for name in skip:
+        hits = [q for q in quantized if q == name or q.startswith(name + ".")]
+        if hits:
+            parent = name.rpartition(".")[0] or "<the whole block>"
+            raise ValueError(
+                f"`skip` keeps {name!r} in fp32, but the quantizer still quantizes {hits}: the x86 quantizer treats "
+                "conv/linear + BatchNorm + activation as one pattern and skips it only when the whole pattern lies "
+                f"inside the skipped module. HINT: skip the enclosing module instead (e.g. {parent!r})."
+            )
 
 
 def is_prepared(module: nn.Module) -> bool:
@@ -470,6 +511,38 @@ def _fast_conv_bn_fold(graph: torch.fx.GraphModule) -> Iterator[None]:
         yield
     finally:
         qat_utils._fold_conv_bn_qat_helper = original
+
+
+def unobserved(graph: nn.Module) -> list[str]:
+    """Names of quantizers that never saw data (their ranges are still +-inf): conversion would fail on them."""
+    names = []
+    for name, module in graph.named_modules():
+        obs = getattr(module, "activation_post_process", None)
+        min_val = getattr(obs, "min_val", None)
+        if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).any())):
+            names.append(name)
+    return names
+
+
+def observe(graph: torch.fx.GraphModule, batches: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> None:
+    """Run inputs through the graph in eval mode with observers on (a calibration pass), then restore its state."""
+    saved = [(m, m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in _fake_quant_modules(graph)]
+    meta = state_of(graph)
+    training, bn_frozen = bool(meta.get("training", False)), bool(meta.get("bn_frozen", False))
+    try:
+        set_graph_mode(graph, False)
+        for module, _, _ in saved:
+            module.observer_enabled.fill_(1)
+        with torch.no_grad():
+            for x in batches:
+                graph(x)
+    finally:
+        for module, fq, _ in saved:
+            module.fake_quant_enabled.copy_(fq)
+            module.observer_enabled.fill_(0)
+        set_graph_mode(graph, training, bn_frozen)
+        for module, _, obs in saved:
+            module.observer_enabled.copy_(obs)
 
 
 def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:

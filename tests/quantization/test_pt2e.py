@@ -116,3 +116,14 @@ def test_ptq_calibration_sets_ranges_from_data():
     graph = calibrate(net, QuantSpec(module="", input_shape=[1, 1, 8, 8], mode="ptq"), data.train_dataloader(), 2)
     assert P.quant_ranges(graph)["input"]["scale"] > 0
     assert net.training  # the fp32 module is left as it was
+
+
+def test_skip_keeps_layers_fp32_even_inside_qat_conv_bn_patterns():
+    def quantized(skip):
+        return sorted(
+            P.quantized_weight_layers(prepare(TinyNet(), QuantSpec(module="", input_shape=[1, 1, 8, 8], skip=skip)))
+        )
+
+    assert quantized([]) == ["features.0", "features.3", "head"]
+    assert quantized(["features.3"]) == ["features.0", "head"]  # a conv fused with its BatchNorm, skipped alone
+    assert quantized(["features", "head"]) == []
