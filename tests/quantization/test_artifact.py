@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def test_qat_fit_end_artifact_report_tensorboard_fresh_process(tmp_path):
     figures = qat.results
     artifact = figures["artifact"]
     assert artifact.endswith("int8.pt2") and figures["size_bytes"] > 0
-    assert json.loads(open(artifact[: -len(".pt2")] + ".json").read())["test/acc"] == figures["test/acc"]
+    saved_figures = json.loads(Path(artifact).with_suffix(".json").read_text())
+    assert saved_figures["test/acc"] == figures["test/acc"]
     assert figures["test/acc"] >= 0.9, figures  # the task is easy: int8 must not break it
     assert figures["test/acc"] >= figures["fp32_test/acc"] - 0.05  # no loss against fp32 of the same weights
     assert figures["latency_ms"] > 0 and figures["fp32_latency_ms"] > 0
