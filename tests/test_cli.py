@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_opt.cli import EXTRA_COMMANDS, build_from_config, main
+from lightning_opt.module import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
@@ -60,6 +61,16 @@ def test_missing_dataset_root_fails_before_training(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "runs").exists()
 
 
+def test_default_logger_is_tensorboard_under_runs():
+    config = {
+        "model": {"class_path": "lightning_opt.module.ImageClassifier"},
+        "data": {"class_path": "lightning_opt.data.DigitsDataModule"},
+    }
+    cli = build_from_config(config)
+    assert type(cli.trainer.logger).__name__ == "TensorBoardLogger"
+    assert cli.trainer.logger.save_dir == "runs"
+
+
 def test_help_lists_extra_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -72,7 +83,7 @@ def test_build_from_config_validates_like_fit():
     assert cli.model.hparams.num_classes == 3 and cli.trainer.max_epochs == 20
 
 
-def test_console_script_quickstart_then_report_command(tmp_path):
+def test_console_script_quickstart_then_resume_and_report(tmp_path, monkeypatch):
     """A new user's path: run the recipe with the console script, then measure its checkpoint with `report`."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "lightning_opt", "fit", "--config", QUICKSTART, *SHRINK]
@@ -84,6 +95,12 @@ def test_console_script_quickstart_then_report_command(tmp_path):
     assert (run_dir / "config.yaml").exists()
 
     ckpt = next((run_dir / "checkpoints").glob("last.ckpt"))
+    restored = ImageClassifier.load_from_checkpoint(ckpt)  # loads for inference without the recipe
+    assert restored.hparams.backbone == "small_cnn"
+    resumed = [*SHRINK, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}", "--test_after_fit=false"]
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", QUICKSTART, *resumed])  # the run resumes from its checkpoint (weights_only load)
+    assert (tmp_path / "runs" / "quickstart" / "version_1" / "report.json").exists()
     out_dir = tmp_path / "measured"
     main(["report", "--ckpt", str(ckpt), "--config", QUICKSTART, "--output_dir", str(out_dir), *SHRINK])
     measured = json.loads((out_dir / "report.json").read_text())["stages"]["checkpoint"]

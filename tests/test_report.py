@@ -4,6 +4,7 @@ import json
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_opt.data import DigitsDataModule
@@ -45,6 +46,33 @@ def test_report_before_after_in_tensorboard_json_and_markdown(tmp_path):
     scalars, texts = read_tensorboard(tmp_path / "run")
     assert {"train/loss_step", "val/acc", "val/loss", "report/final/flops", "report/baseline/params"} <= set(scalars)
     assert any("| FLOPs / forward |" in t for t in texts["compression_report/text_summary"])
+
+
+def test_resumed_run_keeps_the_original_baseline(tmp_path):
+    def run(report, ckpt_path=None, epochs=1):
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            logger=TensorBoardLogger(tmp_path, name="run"),
+            callbacks=[report],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        model = ImageClassifier("small_cnn", backbone_kwargs={"channels": [4, 8]})
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+        return trainer, model
+
+    first = CompressionReport(repeats=2)
+    trainer, _ = run(first)
+    ckpt = trainer.checkpoint_callback.best_model_path
+    with torch.no_grad():  # what the first run started from
+        baseline_nonzeros = first.stages["baseline"]["nonzero_params"]
+    second = CompressionReport(repeats=2)
+    run(second, ckpt_path=ckpt, epochs=2)
+    assert second.stages["baseline"]["nonzero_params"] == baseline_nonzeros
+    assert second.stages["baseline"]["latency_ms"] == first.stages["baseline"]["latency_ms"]
 
 
 def test_other_callbacks_add_stages_with_ratios(tmp_path):

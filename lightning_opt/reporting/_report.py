@@ -163,6 +163,15 @@ class CompressionReport(Callback):
         return None if value is None else float(value)
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": self.stages.get("baseline")}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("baseline"):  # a resumed run reports against the model it started from, not the checkpoint
+            self.stages = {"baseline": dict(state_dict["baseline"])}
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.global_rank != 0:
             return
