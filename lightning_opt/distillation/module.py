@@ -479,6 +479,14 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # `DistillationModule.load_from_checkpoint` of a QAT run: rebuild the student's fake-quant structure first.
+        if _quantization_key() is not None and checkpoint.get(_quantization_key() or ""):
+            from lightning_opt.quantization import restore_quantized_structure
+
+            restore_quantized_structure(self, checkpoint)
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["distillation"] = {
             "student_class": f"{type(self.student).__module__}.{type(self.student).__qualname__}",
@@ -500,6 +508,17 @@ class DistillationModule(LightningModule):
         out: dict[str, Any] = {}
         if checkpoint is not None:
             out.update({k: v for k, v in checkpoint.items() if k in ("epoch", "global_step", "callbacks")})
+        quant = _quantization_key()
+        if checkpoint is not None and quant is not None and checkpoint.get(quant):
+            # QAT records name the quantized submodule from the DistillationModule ("student.backbone"): re-root them
+            # at the student ("backbone") so that export and the student's own loading find it.
+            specs = []
+            for spec in checkpoint[quant].get("specs", []):
+                module = str(spec.get("module", ""))
+                if module == "student" or module.startswith("student."):
+                    specs.append({**spec, "module": module[len("student.") :] if module != "student" else ""})
+            if specs:
+                out[quant] = {**checkpoint[quant], "specs": specs}
         out["pytorch-lightning_version"] = lightning.__version__
         out["state_dict"] = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
         hp = dict(self.student.hparams)
@@ -537,6 +556,15 @@ class DistillationModule(LightningModule):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             torch.save(ckpt, path)
         return path
+
+
+def _quantization_key() -> str | None:
+    """The checkpoint key of the QAT records, when lightning_opt.quantization is available."""
+    try:
+        from lightning_opt.quantization._callback import CHECKPOINT_KEY
+    except ImportError:
+        return None
+    return CHECKPOINT_KEY
 
 
 def _add_adapter_params(config: Any, params: list[nn.Parameter]) -> None:

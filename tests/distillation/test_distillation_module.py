@@ -344,3 +344,19 @@ def test_ddp_spawn_two_devices(trained_teacher_ckpt: str, tmp_path: Any) -> None
     trainer.fit(model, Digits())
     assert os.path.isfile(tmp_path / "student.ckpt")
     Net.load_from_checkpoint(str(tmp_path / "student.ckpt"))
+
+
+def test_pruning_callback_acts_on_the_student_only(trained_teacher_ckpt: str, tmp_path: Any) -> None:
+    from lightning_opt.pruning import Pruning
+    from lightning_opt.schedules import LinearSchedule as Linear
+
+    model = make(trained_teacher_ckpt)
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    pruning = Pruning(schedule=Linear(final=0.5, start=0, end=0.5, frequency=1), log_histograms=False)
+    trainer = quiet_trainer(tmp_path, callbacks=[pruning], limit_val_batches=0)
+    trainer.fit(model, Digits())
+    student_w = [p for n, p in model.student.named_parameters() if n.endswith("weight") and p.ndim > 1]
+    sparsity = sum(int((w == 0).sum()) for w in student_w) / sum(w.numel() for w in student_w)
+    assert sparsity == pytest.approx(0.5, abs=0.02)
+    assert all(torch.equal(teacher_before[k], v) for k, v in model.teacher.state_dict().items())
+    assert all(int((p == 0).sum()) == 0 for n, p in model.teacher.named_parameters() if p.ndim > 1)

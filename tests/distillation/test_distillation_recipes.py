@@ -76,3 +76,48 @@ def test_teacher_then_distill_recipe_writes_a_student_that_loads_alone(
     assert type(cli.datamodule).__name__ == "DigitsDataModule"
     assert not any(type(c).__name__ == "StudentCheckpoint" for c in cli.trainer.callbacks)
     cli.model.load_state_dict(torch.load(run_dir / "student.ckpt", weights_only=True)["state_dict"])
+
+
+@pytest.mark.slow
+def test_distill_prune_qat_recipe_acts_on_the_student_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    teacher_recipe = RECIPES / "teacher_digits.yaml"
+    main(
+        [
+            "fit",
+            "--config",
+            str(teacher_recipe),
+            *_test_overrides(teacher_recipe),
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    teacher_ckpt = tmp_path / "runs" / "distillation" / "teacher_digits" / "teacher.ckpt"
+    teacher_before = torch.load(teacher_ckpt, weights_only=False)["state_dict"]
+
+    recipe = RECIPES / "distill_prune_qat_digits.yaml"
+    main(["fit", "--config", str(recipe), *_test_overrides(recipe), "--trainer.enable_progress_bar=false"])
+    run_dir = tmp_path / "runs" / "distill_prune_qat_digits" / "version_0"
+    assert (run_dir / "int8.pt2").is_file(), "QAT converted the student to an int8 artifact"
+    student_ckpt = torch.load(run_dir / "student.ckpt", weights_only=False)
+    # the QAT record is re-rooted at the student, the pruned student is sparse
+    assert [s["module"] for s in student_ckpt["lightning_opt_quantization"]["specs"]] == ["backbone"]
+    weights = [v for k, v in student_ckpt["state_dict"].items() if k.endswith("weight") and v.ndim > 1]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros > 0.3, f"pruning should have zeroed the student's weights, sparsity {zeros:.2f}"
+    # the teacher's checkpoint (and so the teacher) was left alone
+    teacher_after = torch.load(teacher_ckpt, weights_only=False)["state_dict"]
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    # the student alone goes through `lightning-opt export` with its own config
+    from lightning_opt.export import export_checkpoint
+
+    figures = export_checkpoint(
+        ["--config", str(run_dir / "student.yaml")],
+        ckpt_path=str(run_dir / "student.ckpt"),
+        format="pt2",
+        quantize="int8",
+        output=str(tmp_path / "student_int8.pt2"),
+        latency=False,
+        compile=False,
+    )
+    assert (tmp_path / "student_int8.pt2").is_file()
+    assert "test/acc" in figures
