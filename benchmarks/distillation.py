@@ -172,6 +172,9 @@ def main() -> None:
                 )
             trainer(2, limit_val_batches=0, callbacks=[timer]).fit(model, data(shift=0, return_index=True))
             times[name].extend(timer.times)
+    if not args.timing_rounds:
+        print(f"total {time.time() - t_start:.0f} s")
+        return
     med = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print()
     print(f"step time, median of {len(times['plain'])} steps each, 1 thread, interleaved, unaugmented data:")
