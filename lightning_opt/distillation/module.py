@@ -162,6 +162,7 @@ class DistillationModule(LightningModule):
         self.cache_teacher_outputs = bool(cache_teacher_outputs)
         self.log_teacher_metrics = bool(log_teacher_metrics)
         self.feature_loss: FeatureDistillationLoss | None = None
+        self._probed = False
         self._cache: Tensor | None = None
         self._cached: Tensor | None = None
         self._total_steps: float = math.inf
@@ -246,7 +247,7 @@ class DistillationModule(LightningModule):
 
     def _probe(self, x: Tensor) -> None:
         """Dry forward of both models on ``x`` (eval mode, no grad): checks shapes, builds feature adapters."""
-        if self.feature_loss is not None:
+        if self._probed:
             return
         was_training = self.student.training
         self.student.eval()
@@ -274,6 +275,7 @@ class DistillationModule(LightningModule):
                     raise ValueError(f"`feature_layers` pair {name!r} must output tensors in both models.")
                 shapes[name] = (tuple(s.shape[1:]), tuple(t.shape[1:]))
             self.feature_loss = FeatureDistillationLoss(shapes).to(s_out.device)
+        self._probed = True
 
     # ------------------------------------------------------------------ schedules
     def current_alpha(self) -> float:
@@ -298,14 +300,15 @@ class DistillationModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        if self.feature_layers and self.feature_loss is None:
+        if not self._probed:  # no example_input_array: check shapes (and size adapters) on one training batch
             x = self._example_batch_input()
-            if x is None:
+            if x is not None:
+                self._probe(x)
+            elif self.feature_layers:
                 raise ValueError(
                     "`feature_layers` needs one input to size the adapters before training: set "
                     "`student.example_input_array` or fit with a datamodule."
                 )
-            self._probe(x)
         if stage == "fit" and self.cache_teacher_outputs:
             dm = getattr(self.trainer, "datamodule", None)
             if getattr(dm, "return_index", None) is False:

@@ -360,3 +360,13 @@ def test_pruning_callback_acts_on_the_student_only(trained_teacher_ckpt: str, tm
     assert sparsity == pytest.approx(0.5, abs=0.02)
     assert all(torch.equal(teacher_before[k], v) for k, v in model.teacher.state_dict().items())
     assert all(int((p == 0).sum()) == 0 for n, p in model.teacher.named_parameters() if p.ndim > 1)
+
+
+def test_output_shape_mismatch_without_example_input_fails_at_setup(tmp_path: Any) -> None:
+    student = Net(4)
+    student.example_input_array = None
+    model = DistillationModule(student=student, teacher=Net(16, num_classes=5))  # nothing to probe yet
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=r"outputs differ in shape: student \(2, 10\), teacher \(2, 5\)"):
+        quiet_trainer(tmp_path).fit(model, Digits())
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items()), "no training step ran"
