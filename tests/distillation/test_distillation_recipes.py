@@ -121,3 +121,38 @@ def test_distill_prune_qat_recipe_acts_on_the_student_only(tmp_path: Path, monke
     )
     assert (tmp_path / "student_int8.pt2").is_file()
     assert "test/acc" in figures
+
+
+def test_schedules_and_feature_layers_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_opt.cli import build_from_config
+    from lightning_opt.schedules import LinearSchedule
+
+    schedule = '{"class_path": "lightning_opt.schedules.LinearSchedule", "init_args": {"initial": 8.0, "final": 2.0}}'
+    cli = build_from_config(
+        [
+            "--config",
+            str(RECIPES / "distill_digits.yaml"),
+            "--model.init_args.teacher_checkpoint=null",
+            "--model.init_args.teacher=lightning_opt.module.ImageClassifier",
+            f"--model.init_args.temperature={schedule}",
+            '--model.init_args.feature_layers={"backbone.net.1": "backbone.features.2"}',
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    model = cli.model
+    assert isinstance(model.temperature, LinearSchedule)
+    assert model.feature_loss is not None
+    assert model.feature_loss.adapters["pair0"].mode == "linear"
+    with pytest.raises(SystemExit):  # the CLI reports the model's ValueError and exits
+        build_from_config(
+            [
+                "--config",
+                str(RECIPES / "distill_digits.yaml"),
+                "--model.init_args.teacher_checkpoint=null",
+                "--model.init_args.teacher=lightning_opt.module.ImageClassifier",
+                '--model.init_args.feature_layers={"backbone.nope": "backbone.features.2"}',
+            ]
+        )
+    assert "student layer 'backbone.nope', which does not exist in ImageClassifier. Valid names: backbone" in (
+        capsys.readouterr().err
+    )
