@@ -77,7 +77,8 @@ class DistillationModule(LightningModule):
 
     **Student out alone.** :meth:`export_student` (or the :class:`~lightning_opt.distillation.StudentCheckpoint`
     callback at the end of fit) writes a Lightning checkpoint of the student only, loadable with
-    ``StudentClass.load_from_checkpoint`` and by ``lightning-opt export``.
+    ``StudentClass.load_from_checkpoint`` and, with the ``student.yaml`` the callback writes beside it, by
+    ``lightning-opt export``. A teacher passed as a Python object is not recorded: pass it again when rebuilding.
 
     Batches are ``(x, y)`` or ``(x, y, index)``; the index (``return_index=True`` on the project's datamodules) is
     needed only for ``cache_teacher_outputs``. The student's ``forward(x)`` must return logits ``(N, C)``.
