@@ -710,7 +710,8 @@ class PostTrainingQuantization(_Int8Callback):
         if _pt2e.is_prepared(target):
             rank_zero_warn("PostTrainingQuantization: the submodule is already quantized (QAT); skipping PTQ.")
             return
-        graph = calibrate(target, self.spec, trainer.datamodule.train_dataloader(), self.calibration_batches)
+        loader = trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]
+        graph = calibrate(target, self.spec, loader, self.calibration_batches)
         self.finalize(trainer, pl_module, graph)
 
     @override
