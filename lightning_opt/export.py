@@ -25,7 +25,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -142,7 +142,7 @@ def export_checkpoint(
             if quantize == "int8":
                 use_qat = qat_graph is not None and method != "ptq"
                 if use_qat:
-                    graph = qat_graph
+                    graph = cast(torch.fx.GraphModule, qat_graph)
                 else:
                     spec = _pt2e.QuantSpec(module=path, input_shape=[1, *example.shape[1:]], mode="ptq")
                     graph = _callback.calibrate(eager, spec, datamodule.train_dataloader(), calibration_batches)

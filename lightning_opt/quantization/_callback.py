@@ -340,6 +340,22 @@ class _Int8Callback(Callback):
         rank_zero_info(f"[lightning-opt] {self.stage_name} artifact {file}: {json.dumps(figures)}")
 
 
+def _check_order(trainer: pl.Trainer, quantization: Callback) -> None:
+    """Pruning selects its layers by type at setup, so it must see the eager model: it has to come first."""
+    try:
+        from lightning_opt.pruning import Pruning
+    except ImportError:  # pragma: no cover - pruning ships with lightning_opt
+        return
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+    mine = callbacks.index(quantization)
+    late = [type(c).__name__ for c in callbacks[mine + 1 :] if isinstance(c, Pruning)]
+    if late:
+        raise ValueError(
+            f"{late[0]} is listed after {type(quantization).__name__} in `trainer.callbacks`, so it would look for "
+            "Conv/Linear modules in the already-quantized graph. HINT: list the pruning callback first."
+        )
+
+
 def _report(trainer: pl.Trainer) -> Any:
     try:
         from lightning_opt.reporting import CompressionReport
@@ -460,6 +476,7 @@ class QuantizationAwareTraining(_Int8Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._install_load_hook(pl_module)
         if stage == "fit":
+            _check_order(trainer, self)
             self.ensure_prepared(trainer, pl_module)
 
     def resolve_steps(self, trainer: pl.Trainer) -> None:
@@ -693,7 +710,8 @@ class PostTrainingQuantization(_Int8Callback):
         if _pt2e.is_prepared(target):
             rank_zero_warn("PostTrainingQuantization: the submodule is already quantized (QAT); skipping PTQ.")
             return
-        graph = calibrate(target, self.spec, trainer.datamodule.train_dataloader(), self.calibration_batches)
+        loader = trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]
+        graph = calibrate(target, self.spec, loader, self.calibration_batches)
         self.finalize(trainer, pl_module, graph)
 
     @override

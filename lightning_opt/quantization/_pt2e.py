@@ -15,7 +15,7 @@ import re
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -356,7 +356,7 @@ def is_prepared(module: nn.Module) -> bool:
 
 def spec_of(module: nn.Module) -> QuantSpec:
     """The :class:`QuantSpec` a prepared graph was built with."""
-    return QuantSpec.from_dict(module.meta[_META_KEY]["spec"])
+    return QuantSpec.from_dict(cast(Any, module).meta[_META_KEY]["spec"])
 
 
 def state_of(module: torch.fx.GraphModule) -> dict[str, Any]:
@@ -404,7 +404,7 @@ def set_graph_mode(graph: torch.fx.GraphModule, training: bool, bn_frozen: bool 
     meta["bn_frozen"] = bn_frozen
 
 
-def _fake_quant_modules(graph: nn.Module) -> Iterator[nn.Module]:
+def _fake_quant_modules(graph: nn.Module) -> Iterator[Any]:
     for module in graph.modules():
         if hasattr(module, "fake_quant_enabled") and hasattr(module, "observer_enabled"):
             yield module
@@ -463,7 +463,7 @@ def install_train_eval(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.eval = types.MethodType(_eval, graph)  # type: ignore[method-assign]
     if not getattr(graph, "_lightning_opt_sync", False):
         graph.register_forward_pre_hook(sync_mode)
-        graph._lightning_opt_sync = True
+        setattr(graph, "_lightning_opt_sync", True)  # noqa: B010
     graph.training = bool(state_of(graph).get("training", graph.training))
     return graph
 
@@ -645,7 +645,7 @@ def quant_ranges(graph: torch.fx.GraphModule) -> dict[str, dict[str, float]]:
         scale = getattr(module, "scale", None)
         zero_point = getattr(module, "zero_point", None)
         if scale is None or zero_point is None:
-            obs = getattr(module, "activation_post_process", module)
+            obs: Any = getattr(module, "activation_post_process", module)
             if not hasattr(obs, "calculate_qparams"):
                 continue
             try:

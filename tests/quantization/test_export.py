@@ -28,19 +28,26 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    """An fp32 model trained on digits, and the same model after a short QAT fine-tuning (the usual QAT recipe)."""
     tmp = tmp_path_factory.mktemp("export")
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(CONFIG))
-    out = {"recipe": str(tmp / "recipe.yaml"), "dir": tmp}
-    for name, callbacks in (("qat", [QuantizationAwareTraining(start=0.5, convert_on_fit_end=False)]), ("fp32", [])):
-        torch.manual_seed(0)
-        model = ImageClassifier(
-            "small_cnn", backbone_kwargs={"channels": [8, 16]}, optimizer=lambda p: torch.optim.Adam(p, lr=0.01)
-        )
-        trainer = make_trainer(tmp / name, callbacks, max_epochs=4, limit_train_batches=None)
-        trainer.fit(model, DigitsDataModule(batch_size=64))
-        trainer.save_checkpoint(tmp / f"{name}.ckpt")
-        out[name] = str(tmp / f"{name}.ckpt")
-    return out
+    torch.manual_seed(0)
+    model = ImageClassifier(
+        "small_cnn", backbone_kwargs={"channels": [8, 16]}, optimizer=lambda p: torch.optim.Adam(p, lr=0.01)
+    )
+    trainer = make_trainer(tmp / "fp32", [], max_epochs=3, limit_train_batches=None)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    trainer.save_checkpoint(tmp / "fp32.ckpt")
+    model.optimizer = lambda p: torch.optim.Adam(p, lr=1e-3)
+    trainer = make_trainer(tmp / "qat", [QuantizationAwareTraining(convert_on_fit_end=False)], max_steps=8)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    trainer.save_checkpoint(tmp / "qat.ckpt")
+    return {
+        "recipe": str(tmp / "recipe.yaml"),
+        "dir": tmp,
+        "fp32": str(tmp / "fp32.ckpt"),
+        "qat": str(tmp / "qat.ckpt"),
+    }
 
 
 def test_export_qat_checkpoint_to_int8_pt2_through_the_cli(checkpoints, capsys):
@@ -49,7 +56,7 @@ def test_export_qat_checkpoint_to_int8_pt2_through_the_cli(checkpoints, capsys):
           "--no_compile", "--no_latency"])  # fmt: skip
     figures = json.loads((checkpoints["dir"] / "digits.int8.pt2.json").read_text())
     assert figures["method"] == "qat" and output.exists() and figures["size_bytes"] == output.stat().st_size
-    assert figures["test/acc"] > 0.5, figures  # 72 steps on digits: well above the 0.1 of chance
+    assert figures["test/acc"] > 0.5, figures  # 54 steps on digits: well above the 0.1 of chance
     assert figures["test/acc"] >= figures["fp32_test/acc"] - 0.05
     assert '"method": "qat"' in capsys.readouterr().out  # the figures are printed too
 
