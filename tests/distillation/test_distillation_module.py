@@ -370,3 +370,22 @@ def test_output_shape_mismatch_without_example_input_fails_at_setup(tmp_path: An
     with pytest.raises(ValueError, match=r"outputs differ in shape: student \(2, 10\), teacher \(2, 5\)"):
         quiet_trainer(tmp_path).fit(model, Digits())
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items()), "no training step ran"
+
+
+def test_cache_works_with_the_foundation_datamodule(tmp_path: Any) -> None:
+    from lightning_opt.data import DigitsDataModule
+    from lightning_opt.module import ImageClassifier
+
+    teacher = ImageClassifier("small_cnn", backbone_kwargs={"channels": [8, 16]})
+    model = DistillationModule(
+        student=ImageClassifier("mlp", backbone_kwargs={"hidden": [8]}), teacher=teacher, cache_teacher_outputs=True
+    )
+    data = DigitsDataModule(batch_size=64, return_index=True)
+    quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=None, limit_val_batches=1).fit(model, data)
+    assert model._cached is not None
+    assert bool(model._cached.all())
+    train_x = data.train_dataloader().dataset.tensors[0]
+    assert model._cache.shape == (len(train_x), 10)
+    torch.testing.assert_close(model._cache[:4], teacher(train_x[:4]))
+    with pytest.raises(ValueError, match="augment_shift=1"):
+        quiet_trainer(tmp_path).fit(model, DigitsDataModule(return_index=True, augment_shift=1))
