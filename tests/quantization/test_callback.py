@@ -252,10 +252,11 @@ def test_qat_on_a_distilled_student(tmp_path):
 
 @pytest.mark.ddp
 def test_qat_under_ddp(tmp_path):
+    # ddp_spawn, not ddp_fork: after earlier tests ran backward in this process, fork + autograd is unsupported
     model = TinyClassifier()
     before = model.backbone.features[0].weight.detach().clone()
     trainer = make_trainer(
-        tmp_path, [QuantizationAwareTraining(start=1, **QUIET)], max_steps=4, strategy="ddp_fork", devices=2
+        tmp_path, [QuantizationAwareTraining(start=1, **QUIET)], max_steps=4, strategy="ddp_spawn", devices=2
     )
     trainer.fit(model, TinyData())
     assert trainer.state.finished
