@@ -100,6 +100,14 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild a structure that lightning-opt changed (removed channels, a QAT graph) before the weights load."""
+        from lightning_opt.pruning import restore_pruned_structure
+        from lightning_opt.quantization import restore_quantized_structure
+
+        restore_pruned_structure(self, checkpoint)
+        restore_quantized_structure(self, checkpoint)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
         if self.lr_scheduler is None:

@@ -9,7 +9,13 @@ Example:
 from __future__ import annotations
 
 from lightning_opt.pruning._callback import Pruning
-from lightning_opt.pruning._channel import ChannelGroups, load_pruned, save_pruned
+from lightning_opt.pruning._channel import (
+    ChannelGroups,
+    load_pruned,
+    pruned_structure,
+    restore_pruned_structure,
+    save_pruned,
+)
 from lightning_opt.pruning._criteria import Criterion, MagnitudeCriterion, RandomCriterion, TaylorCriterion
 from lightning_opt.pruning._masks import (
     apply_masks,
@@ -50,6 +56,8 @@ __all__ = [
     "mask_sparsity",
     "masks_from_model",
     "nm_masks",
+    "pruned_structure",
+    "restore_pruned_structure",
     "save_pruned",
     "select_modules",
     "unstructured_masks",

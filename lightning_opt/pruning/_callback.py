@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_opt.pruning._channel import ChannelGroups, save_pruned
+from lightning_opt.pruning._channel import STRUCTURE_KEY, ChannelGroups, pruned_structure, save_pruned
 from lightning_opt.pruning._criteria import Criterion, resolve_criterion
 from lightning_opt.pruning._masks import (
     channel_keep,
@@ -608,6 +608,13 @@ class Pruning(Callback):
         tb.add_figure("pruning/layer_sparsity", _sparsity_figure(rows), trainer.global_step)
 
     # ------------------------------------------------------------------ state
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._removed:  # a checkpoint of the thin model records its layer shapes, so it loads without this callback
+            checkpoint[STRUCTURE_KEY] = pruned_structure(pl_module)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {

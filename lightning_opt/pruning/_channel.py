@@ -245,3 +245,68 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
             raise ValueError(f"{path} holds a child module {name!r} that {type(model).__name__} does not have.")
         tp.load_state_dict(child, state_dict=child_state)
     return model.train(training)  # the file also holds the train/eval flags of the moment it was saved
+
+
+#: Module attributes that describe a layer's shape; channel removal changes them.
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+STRUCTURE_KEY = "lightning_opt_pruned_structure"
+
+
+def pruned_structure(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The shape attributes of every layer (plain ints, so a checkpoint holding them loads with ``weights_only``).
+
+    :class:`~lightning_opt.pruning.Pruning` stores this in every checkpoint saved after channel removal, under
+    ``"lightning_opt_pruned_structure"``; :func:`restore_pruned_structure` uses it to rebuild the thin layers.
+    """
+    return {
+        name: {a: int(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), int)}
+        for name, module in model.named_modules()
+        if any(isinstance(getattr(module, a, None), int) for a in _SHAPE_ATTRS)
+    }
+
+
+def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bool:
+    """Reshape a freshly built model to the thin architecture a checkpoint was saved with, so its weights load.
+
+    Call it from ``LightningModule.on_load_checkpoint`` (``ImageClassifier`` does), so that
+    ``Model.load_from_checkpoint(path)`` and ``trainer.test(ckpt_path=path)`` work on a checkpoint saved after
+    pruned channels were removed (``trainer.save_checkpoint`` after fit).
+
+    Returns:
+        True when layers were reshaped (the checkpoint holds a pruned structure).
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        >>> g = ChannelGroups(m, {"0": m[0]}, torch.zeros(1, 4))
+        >>> _ = g.remove({"0": torch.tensor([True, False, True])})
+        >>> ckpt = {"state_dict": m.state_dict(), STRUCTURE_KEY: pruned_structure(m)}
+        >>> fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        >>> restore_pruned_structure(fresh, ckpt)
+        True
+        >>> fresh.load_state_dict(ckpt["state_dict"])
+        <All keys matched successfully>
+        >>> fresh[1].in_features
+        2
+    """
+    structure = checkpoint.get(STRUCTURE_KEY)
+    if not structure:
+        return False
+    modules = dict(model.named_modules())
+    state = checkpoint.get("state_dict", {})
+    for name, attrs in structure.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(
+                f"The checkpoint's pruned structure names a layer {name!r} that {type(model).__name__} does not have."
+            )
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        prefix = f"{name}." if name else ""
+        for tensors in (module._parameters, module._buffers):
+            for key, tensor in list(tensors.items()):
+                saved = state.get(prefix + key)
+                if tensor is None or saved is None or saved.shape == tensor.shape:
+                    continue
+                empty = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+                tensors[key] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return True
