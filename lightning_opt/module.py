@@ -12,16 +12,43 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_opt.data import UNLABELED
 from lightning_opt.models import build_backbone
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "labeled_cross_entropy"]
+
+
+def labeled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled samples only (label -1 marks an unlabelled one).
+
+    Args:
+        logits: ``(N, C)`` raw scores.
+        target: ``(N,)`` class indices, -1 for unlabelled samples.
+
+    Returns:
+        The mean cross-entropy over the samples whose label is not -1; a zero that keeps the graph (so a backward pass
+        gives zero gradients) when the batch holds no labelled sample, where plain ``F.cross_entropy`` returns NaN.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> ce = F.cross_entropy(logits[:1], torch.tensor([0]))
+        >>> bool(labeled_cross_entropy(logits, torch.tensor([0, -1])) == ce)
+        True
+        >>> labeled_cross_entropy(logits, torch.tensor([-1, -1])).item()
+        0.0
+    """
+    if bool((target != UNLABELED).any()):
+        return F.cross_entropy(logits, target, ignore_index=UNLABELED)
+    return logits.sum() * 0.0
 
 
 class ImageClassifier(pl.LightningModule):
     """Classifies images (or feature vectors) with a backbone built by name or given as a module.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``. Batches are
-    ``(inputs, labels, *extra)``; extra items (such as sample indices) are ignored.
+    ``(inputs, labels, *extra)``; extra items (such as sample indices) are ignored. Samples labelled -1 (the
+    unlabelled transfer set of a datamodule's ``labeled_size``) count in neither the loss nor the accuracy; a batch
+    without any labelled sample gives a zero loss (no gradient), not NaN.
 
     Args:
         backbone: A name for :func:`lightning_opt.models.build_backbone` (``"small_cnn"``, ``"mlp"``,
@@ -71,9 +98,9 @@ class ImageClassifier(pl.LightningModule):
         self.example_input_array = torch.zeros(1, *shape)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -81,7 +108,7 @@ class ImageClassifier(pl.LightningModule):
     def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = labeled_cross_entropy(logits, y)
         metric(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train")

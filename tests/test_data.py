@@ -73,3 +73,59 @@ def test_torchvision_missing_root_names_path_and_download(tmp_path):
     ):
         TorchvisionDataModule("MNIST", root=str(root))
     assert not root.exists()  # nothing half-written
+
+
+def test_labeled_size_marks_a_seeded_stratified_transfer_set():
+    full = DigitsDataModule(seed=0)
+    a, b, c = (DigitsDataModule(seed=s, labeled_size=100) for s in (0, 0, 1))
+    for dm in (full, a, b, c):
+        dm.setup()
+    x_full, y_full = full._splits["train"].tensors
+    x_a, y_a = a._splits["train"].tensors
+    assert torch.equal(x_a, x_full)  # every training image stays, in the same order
+    labeled = y_a != -1
+    assert int(labeled.sum()) == 100 and int((y_a == -1).sum()) == len(y_a) - 100
+    assert torch.equal(y_a[labeled], y_full[labeled])  # kept labels are the true ones
+    assert torch.bincount(y_a[labeled], minlength=10).tolist() == [10] * 10  # stratified: 10 of each class
+    assert torch.equal(y_a, b._splits["train"].tensors[1])  # seeded
+    assert not torch.equal(labeled, c._splits["train"].tensors[1] != -1)  # another seed, another sample
+    for split in ("val", "test"):  # only the training split loses labels
+        assert torch.equal(a._splits[split].tensors[1], full._splits[split].tensors[1])
+    assert (_labels(a.train_dataloader()) == -1).sum() == len(y_a) - 100
+
+
+def test_labeled_size_equal_to_the_train_size_keeps_every_label():
+    full = DigitsDataModule()
+    full.setup()
+    n = len(full._splits["train"])
+    dm = DigitsDataModule(labeled_size=n)
+    dm.setup()
+    assert torch.equal(dm._splits["train"].tensors[1], full._splits["train"].tensors[1])
+
+
+def test_mnist5k_labeled_size():
+    dm = MNIST5kDataModule(labeled_size=500, return_index=True)
+    dm.setup()
+    x, y, idx = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 1, 28, 28) and idx.shape == (64,)
+    labels = dm._splits["train"].tensors[1]
+    assert torch.bincount(labels[labels != -1], minlength=10).tolist() == [50] * 10
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (DigitsDataModule, {"labeled_size": 5}, r"`labeled_size` must be an integer >= the number of classes \(10\)"),
+        (MNIST5kDataModule, {"labeled_size": 0}, r"`labeled_size` must be an integer >= the number of classes"),
+        (MNIST5kDataModule, {"labeled_size": 3501}, r"must be <= the number of training images \(3500\)"),
+    ],
+)
+def test_labeled_size_rejects_bad_values(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_labeled_size_above_the_digits_train_split_fails_at_setup():
+    dm = DigitsDataModule(labeled_size=5000)
+    with pytest.raises(ValueError, match=r"`labeled_size` must be <= the number of training images \(\d+\), got 5000"):
+        dm.setup()

@@ -10,13 +10,13 @@ from typing import Any
 
 import lightning
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_opt.data import UNLABELED
 from lightning_opt.distillation._teacher import freeze, load_teacher
 from lightning_opt.distillation.losses import (
     FeatureDistillationLoss,
@@ -25,6 +25,7 @@ from lightning_opt.distillation.losses import (
     check_temperature,
     kd_loss,
 )
+from lightning_opt.module import labeled_cross_entropy
 from lightning_opt.schedules import Schedule
 
 __all__ = ["DistillationModule"]
@@ -80,7 +81,10 @@ class DistillationModule(LightningModule):
     ``StudentClass.load_from_checkpoint`` and, with the ``student.yaml`` the callback writes beside it, by
     ``lightning-opt export``. A teacher passed as a Python object is not recorded: pass it again when rebuilding.
 
-    Batches are ``(x, y)`` or ``(x, y, index)``; the index (``return_index=True`` on the project's datamodules) is
+    Batches are ``(x, y)`` or ``(x, y, index)``. Samples labelled -1 (the unlabelled *transfer set* of a
+    datamodule's ``labeled_size``) get the soft (and feature) loss only: the hard loss averages over the labelled
+    samples (zero in a batch without any), ``train/acc`` and ``train/teacher_acc`` count labelled samples only. The
+    index (``return_index=True`` on the project's datamodules) is
     needed only for ``cache_teacher_outputs``. The student's ``forward(x)`` must return logits ``(N, C)``.
 
     Args:
@@ -405,8 +409,8 @@ class DistillationModule(LightningModule):
                 f"teacher and student outputs differ in shape: student {tuple(s_logits.shape)}, teacher "
                 f"{tuple(t_logits.shape)}. HINT: both must predict the same classes."
             )
-        hard = F.cross_entropy(s_logits, y)
-        soft = kd_loss(s_logits, t_logits, temperature)
+        hard = labeled_cross_entropy(s_logits, y)  # labelled samples only (-1: the unlabelled transfer set)
+        soft = kd_loss(s_logits, t_logits, temperature)  # every sample
         loss = alpha * soft + (1.0 - alpha) * hard
         n = x.shape[0]
         log = {"train/hard_loss": hard.detach(), "train/soft_loss": soft.detach()}
@@ -415,8 +419,12 @@ class DistillationModule(LightningModule):
             loss = loss + self.feature_weight * feat
             log["train/feature_loss"] = feat.detach()
         with torch.no_grad():
-            log["train/acc"] = (s_logits.argmax(1) == y).float().mean()
-            log["train/teacher_acc"] = (t_logits.argmax(1) == y).float().mean()
+            labeled = y != UNLABELED
+            n_labeled = int(labeled.sum())
+            if n_labeled:  # accuracies over the labelled samples only, weighted by their number in the epoch mean
+                self.log("train/acc", (s_logits[labeled].argmax(1) == y[labeled]).float().mean(), batch_size=n_labeled)
+                t_acc = (t_logits[labeled].argmax(1) == y[labeled]).float().mean()
+                self.log("train/teacher_acc", t_acc, batch_size=n_labeled)
             log["train/agreement"] = agreement(s_logits, t_logits)
         if isinstance(self.alpha, Schedule):
             log["train/alpha"] = torch.tensor(alpha)

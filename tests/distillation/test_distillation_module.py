@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_opt.distillation import DistillationModule, StudentCheckpoint
+from lightning_opt.distillation.losses import kd_loss
 from lightning_opt.schedules import LinearSchedule
 from tests.distillation.distill_helpers import Digits, Net, quiet_trainer
 
@@ -389,3 +392,67 @@ def test_cache_works_with_the_foundation_datamodule(tmp_path: Any) -> None:
     torch.testing.assert_close(model._cache[:4], teacher(train_x[:4]))
     with pytest.raises(ValueError, match="augment_shift=1"):
         quiet_trainer(tmp_path).fit(model, DigitsDataModule(return_index=True, augment_shift=1))
+
+
+# ---------------------------------------------------------------- unlabelled transfer set (label -1)
+
+
+def _one_batch_fit(model: DistillationModule, x: torch.Tensor, y: torch.Tensor, tmp_path: Any) -> dict[str, float]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = quiet_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=len(x)))
+    return {k: v.item() for k, v in trainer.logged_metrics.items()}
+
+
+def test_kd_loss_on_a_mixed_batch_uses_labels_where_present_and_soft_targets_everywhere(
+    trained_teacher_ckpt: str, tmp_path: Any
+) -> None:
+    model = make(trained_teacher_ckpt, alpha=0.3, temperature=2.0)
+    data = Digits()
+    x, y = data.x[:32], data.y[:32].clone()
+    y[::3] = -1  # every third sample is unlabelled
+    labeled = y != -1
+    student = copy.deepcopy(model.student).train()
+    with torch.no_grad():
+        s, t = student(x), model.teacher(x)
+    hard = F.cross_entropy(s[labeled], y[labeled])
+    soft = kd_loss(s, t, 2.0)  # over all 32 samples
+    m = _one_batch_fit(model, x, y, tmp_path)
+    assert m["train/hard_loss"] == pytest.approx(hard.item(), rel=1e-5)
+    assert m["train/soft_loss"] == pytest.approx(soft.item(), rel=1e-5)
+    assert m["train/loss"] == pytest.approx((0.3 * soft + 0.7 * hard).item(), rel=1e-5)
+    assert m["train/acc"] == pytest.approx((s[labeled].argmax(1) == y[labeled]).float().mean().item())
+    assert m["train/teacher_acc"] == pytest.approx((t[labeled].argmax(1) == y[labeled]).float().mean().item())
+
+
+def test_an_all_unlabelled_batch_trains_on_soft_targets_only(trained_teacher_ckpt: str, tmp_path: Any) -> None:
+    model = make(trained_teacher_ckpt, alpha=0.5, temperature=4.0)
+    x = Digits().x[:16]
+    student = copy.deepcopy(model.student).train()
+    before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    with torch.no_grad():
+        soft = kd_loss(student(x), model.teacher(x), 4.0)
+    m = _one_batch_fit(model, x, torch.full((16,), -1), tmp_path)
+    assert m["train/hard_loss"] == 0.0
+    assert m["train/loss"] == pytest.approx(0.5 * soft.item(), rel=1e-5)
+    assert "train/acc" not in m and "train/teacher_acc" not in m  # nothing labelled to score
+    after = model.student.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in after.items()), "the soft loss alone moved the student"
+
+
+def test_distills_on_the_transfer_set_of_the_foundation_datamodule(tmp_path: Any) -> None:
+    from lightning_opt.data import DigitsDataModule
+    from lightning_opt.module import ImageClassifier
+
+    model = DistillationModule(
+        student=ImageClassifier("mlp", backbone_kwargs={"hidden": [8]}),
+        teacher=ImageClassifier("small_cnn", backbone_kwargs={"channels": [8, 16]}),
+        cache_teacher_outputs=True,
+    )
+    data = DigitsDataModule(batch_size=16, labeled_size=50, return_index=True)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=None, limit_val_batches=1)
+    trainer.fit(model, data)
+    assert all(torch.isfinite(v) for v in trainer.callback_metrics.values())
+    assert bool(model._cached.all()) and model._cache.shape[0] == len(data._splits["train"])  # teacher saw all images

@@ -156,3 +156,32 @@ def test_schedules_and_feature_layers_from_yaml(tmp_path: Path, capsys: pytest.C
     assert "student layer 'backbone.nope', which does not exist in ImageClassifier. Valid names: backbone" in (
         capsys.readouterr().err
     )
+
+
+def test_transfer_recipes_teacher_sees_only_the_labelled_images_and_the_student_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_opt.cli import build_from_config
+
+    monkeypatch.chdir(tmp_path)
+    teacher_recipe = RECIPES / "teacher_transfer_digits.yaml"
+    distill_recipe = RECIPES / "distill_transfer_digits.yaml"
+    teacher_data = build_from_config(["--config", str(teacher_recipe)]).datamodule
+    untrained = [
+        "--model.init_args.teacher_checkpoint=null",
+        "--model.init_args.teacher=lightning_opt.module.ImageClassifier",
+    ]
+    distill_data = build_from_config(["--config", str(distill_recipe), *untrained]).datamodule
+    for dm in (teacher_data, distill_data):
+        dm.setup()
+    y_teacher, y_student = teacher_data._splits["train"].tensors[1], distill_data._splits["train"].tensors[1]
+    assert int((y_teacher != -1).sum()) == 200
+    assert torch.equal(y_teacher, y_student), "the teacher must see exactly the student's labels"
+
+    quiet = "--trainer.enable_progress_bar=false"
+    main(["fit", "--config", str(teacher_recipe), *_test_overrides(teacher_recipe), quiet])
+    assert (tmp_path / "runs" / "distillation" / "teacher_transfer_digits" / "teacher.ckpt").is_file()
+    main(["fit", "--config", str(distill_recipe), *_test_overrides(distill_recipe), quiet])
+    run_dir = tmp_path / "runs" / "distill_transfer_digits" / "version_0"
+    student = ImageClassifier.load_from_checkpoint(run_dir / "student.ckpt")
+    assert type(student.backbone).__name__ == "MLP"
