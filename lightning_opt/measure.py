@@ -1,0 +1,215 @@
+"""Measure a model: parameters, nonzeros, bytes of the saved weights, FLOPs and CPU latency.
+
+Every figure lightning-opt reports comes from here and is measured on the model (or artifact) it describes.
+FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two FLOPs).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import statistics
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "LatencyResult",
+    "count_flops",
+    "count_nonzero_parameters",
+    "count_parameters",
+    "measure_latency",
+    "measure_model",
+    "saved_size_bytes",
+]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once).
+
+    Example:
+        >>> count_parameters(nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_parameters(model: nn.Module) -> int:
+    """Number of parameter elements that are not exactly zero.
+
+    Example:
+        >>> layer = nn.Linear(3, 2)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.zero_()
+        >>> count_nonzero_parameters(layer)
+        2
+    """
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def saved_size_bytes(model: nn.Module, compressed: bool = False) -> int:
+    """Bytes on disk of ``torch.save(model.state_dict())``.
+
+    Args:
+        model: The model whose weights are saved.
+        compressed: Whether to measure the file after DEFLATE compression (zeros of a sparse model compress away,
+            so this is the size a sparse model takes when shipped compressed).
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    data = buffer.getvalue()
+    if not compressed:
+        return len(data)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("weights.pt", data)
+    return len(out.getvalue())
+
+
+def file_size_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a file on disk (an exported artifact)."""
+    return os.path.getsize(path)
+
+
+def count_flops(model: nn.Module | Callable[..., Any], example_input: torch.Tensor | tuple) -> int:
+    """FLOPs of one forward pass on ``example_input``, counted by :class:`~torch.utils.flop_counter.FlopCounterMode`.
+
+    Example:
+        >>> count_flops(nn.Linear(4, 3, bias=False), torch.zeros(2, 4))  # 2 * batch * in * out
+        48
+    """
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """CPU latency of one forward pass, in milliseconds.
+
+    Attributes:
+        median_ms: Median over the repeats.
+        spread_ms: Interquartile range (75th - 25th percentile) over the repeats.
+        min_ms: Fastest repeat.
+        repeats: Number of timed repeats.
+        batch_size: Batch size of the timed input.
+        num_threads: Torch intra-op threads during the measurement.
+    """
+
+    median_ms: float
+    spread_ms: float
+    min_ms: float
+    repeats: int
+    batch_size: int
+    num_threads: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def measure_latency(
+    model: nn.Module | Callable[..., Any],
+    example_input: torch.Tensor | tuple,
+    warmup: int = 5,
+    repeats: int = 30,
+    num_threads: int = 1,
+    batch_size: int | None = None,
+) -> LatencyResult:
+    """Time forward passes on the CPU with a fixed thread count: warm-up, then ``repeats`` timed runs.
+
+    Args:
+        model: A module or any callable (a compiled or exported artifact).
+        example_input: One input tensor (or a tuple of them).
+        warmup: Untimed runs first (lazy initialisation, compilation, caches).
+        repeats: Timed runs.
+        num_threads: ``torch.set_num_threads`` during the measurement (restored afterwards).
+        batch_size: When given, the first input is repeated along dim 0 to this batch size.
+
+    Raises:
+        ValueError: If ``repeats`` < 1 or ``warmup`` < 0 or ``num_threads`` < 1.
+
+    Example:
+        >>> result = measure_latency(nn.Linear(8, 8), torch.zeros(1, 8), warmup=1, repeats=5)
+        >>> result.median_ms > 0
+        True
+    """
+    if repeats < 1 or warmup < 0 or num_threads < 1:
+        raise ValueError(
+            f"`repeats` must be >= 1, `warmup` >= 0 and `num_threads` >= 1, got {repeats}, {warmup}, {num_threads}."
+        )
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    if batch_size is not None:
+        first = inputs[0]
+        reps = (batch_size + first.shape[0] - 1) // first.shape[0]
+        inputs = (first.repeat(reps, *([1] * (first.dim() - 1)))[:batch_size], *inputs[1:])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(*inputs)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(*inputs)
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return LatencyResult(
+        median_ms=statistics.median(times),
+        spread_ms=quartiles[2] - quartiles[0],
+        min_ms=min(times),
+        repeats=repeats,
+        batch_size=int(inputs[0].shape[0]),
+        num_threads=num_threads,
+    )
+
+
+def measure_model(
+    model: nn.Module,
+    example_input: torch.Tensor | tuple,
+    latency: bool = True,
+    warmup: int = 5,
+    repeats: int = 30,
+    num_threads: int = 1,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """All figures of a model at once, measured on an eval-mode CPU copy (the model itself is left untouched).
+
+    Returns:
+        ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops`` and,
+        with ``latency``, ``latency_ms`` and ``latency_spread_ms``.
+
+    Example:
+        >>> figures = measure_model(nn.Linear(4, 2), torch.zeros(1, 4), latency=False)
+        >>> figures["params"], figures["flops"]
+        (10, 16)
+    """
+    probe = copy.deepcopy(model).cpu().eval()
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
+    params = count_parameters(probe)
+    nonzero = count_nonzero_parameters(probe)
+    figures: dict[str, float] = {
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": 1.0 - nonzero / params if params else 0.0,
+        "size_bytes": saved_size_bytes(probe),
+        "size_bytes_compressed": saved_size_bytes(probe, compressed=True),
+        "flops": count_flops(probe, inputs),
+    }
+    if latency:
+        result = measure_latency(probe, inputs, warmup, repeats, num_threads, batch_size)
+        figures["latency_ms"] = result.median_ms
+        figures["latency_spread_ms"] = result.spread_ms
+    return figures

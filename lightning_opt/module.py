@@ -1,0 +1,107 @@
+"""The image classifier LightningModule that recipes train: a backbone by name or as a module, accuracy metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_opt.models import build_backbone
+
+__all__ = ["ImageClassifier"]
+
+
+class ImageClassifier(pl.LightningModule):
+    """Classifies images (or feature vectors) with a backbone built by name or given as a module.
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``. Batches are
+    ``(inputs, labels, *extra)``; extra items (such as sample indices) are ignored.
+
+    Args:
+        backbone: A name for :func:`lightning_opt.models.build_backbone` (``"small_cnn"``, ``"mlp"``,
+            ``"tiny_resnet"``, or a torchvision model name such as ``"resnet18"``) or an ``nn.Module``.
+        num_classes: Number of classes.
+        in_channels: Channels of the input images.
+        input_size: Height and width of the input images.
+        input_shape: The shape of one input without the batch dimension, when it is not
+            ``(in_channels, input_size, input_size)`` (``[13]`` for a tabular set of 13 features).
+        backbone_kwargs: Keyword arguments of the backbone's constructor (``channels``, ``kernel_sizes``, ...).
+        optimizer: The optimizer class and its arguments (``class_path``/``init_args`` in YAML).
+        lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
+
+    Raises:
+        ValueError: If the backbone name is unknown (see :func:`~lightning_opt.models.build_backbone`).
+
+    Example:
+        >>> model = ImageClassifier("small_cnn", backbone_kwargs={"channels": [8, 16]})
+        >>> model(model.example_input_array).shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "small_cnn",
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 8,
+        input_shape: Sequence[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        kwargs = dict(backbone_kwargs or {})
+        if isinstance(backbone, nn.Module):
+            self.backbone = backbone
+        else:
+            self.backbone = build_backbone(
+                backbone, num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs
+            )
+        shape = tuple(input_shape) if input_shape is not None else (in_channels, input_size, input_size)
+        self.example_input_array = torch.zeros(1, *shape)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def _shared_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).argmax(-1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"},
+        }

@@ -1,0 +1,236 @@
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from lightning_opt.measure import measure_model
+
+__all__ = ["CompressionReport", "format_report_markdown"]
+
+#: Figures whose baseline / stage ratio the report states (bigger ratio = smaller or faster).
+RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "size_bytes_compressed", "flops", "latency_ms")
+
+_LABELS = {
+    "params": "parameters",
+    "nonzero_params": "nonzero parameters",
+    "sparsity": "sparsity",
+    "size_bytes": "saved weights (bytes)",
+    "size_bytes_compressed": "saved weights, zipped (bytes)",
+    "flops": "FLOPs / forward",
+    "latency_ms": "CPU latency (ms, median)",
+    "latency_spread_ms": "CPU latency spread (ms, IQR)",
+}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def format_report_markdown(stages: dict[str, dict[str, Any]], baseline: str = "baseline") -> str:
+    """A markdown table: one row per figure, one column per stage, then each stage's ratio to the baseline.
+
+    Example:
+        >>> print(format_report_markdown({"baseline": {"params": 100}, "final": {"params": 25}}))
+        | figure | baseline | final | baseline / final |
+        |---|---|---|---|
+        | parameters | 100 | 25 | 4.00x |
+    """
+    names = list(stages)
+    others = [n for n in names if n != baseline] if baseline in stages else []
+    keys: list[str] = []
+    for figures in stages.values():
+        keys += [k for k in figures if k not in keys]
+    header = ["figure", *names, *(f"{baseline} / {n}" for n in others)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        row = [_LABELS.get(key, key), *(_fmt(stages[n].get(key)) for n in names)]
+        for n in others:
+            a, b = stages[baseline].get(key), stages[n].get(key)
+            ok = key in RATIO_KEYS and isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+            row.append(f"{a / b:.2f}x" if ok else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+class CompressionReport(Callback):
+    """Measures the model before and after training and writes a before/after compression report.
+
+    At fit start the model is measured as ``baseline``; after fit (once every other callback has finished, so that
+    pruned channels are removed and masks made permanent) it is measured again as ``final``, with the monitored
+    metric. ``report.json`` and ``report.md`` land in the run's log directory, the table goes to TensorBoard as text
+    and every figure as a scalar ``report/<stage>/<figure>``. Testing after fit adds the test metric to ``final``.
+
+    Other callbacks add their own columns (an int8 artifact, a physically thinned model) with
+    ``CompressionReport.find(trainer).add_stage(name, figures)``.
+
+    Figures: ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops``,
+    ``latency_ms``, ``latency_spread_ms`` and the metrics (``monitor``, ``test_metric``).
+
+    Args:
+        monitor: The validation metric recorded with each stage.
+        test_metric: The test metric recorded after ``trainer.test``.
+        latency: Whether to time the model (CPU, ``num_threads`` threads).
+        batch_size: Batch size of the timed input (``example_input_array`` repeated).
+        num_threads: Torch threads while timing.
+        repeats: Timed forward passes; the median and interquartile range are reported.
+        enabled: Whether to report at all (search trials turn it off to save time).
+
+    Raises:
+        ValueError: If ``batch_size``, ``num_threads`` or ``repeats`` is < 1.
+
+    Example:
+        >>> report = CompressionReport(monitor="val/acc", batch_size=8)
+        >>> report.add_stage("baseline", {"params": 100})
+        >>> report.stages
+        {'baseline': {'params': 100}}
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val/acc",
+        test_metric: str = "test/acc",
+        latency: bool = True,
+        batch_size: int = 1,
+        num_threads: int = 1,
+        repeats: int = 30,
+        enabled: bool = True,
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("num_threads", num_threads), ("repeats", repeats)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        self.monitor = monitor
+        self.test_metric = test_metric
+        self.latency = latency
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.repeats = repeats
+        self.enabled = enabled
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.output_dir: Path | None = None
+
+    @staticmethod
+    def find(trainer: pl.Trainer) -> CompressionReport | None:
+        """The trainer's enabled report callback, or None."""
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, CompressionReport) and callback.enabled:
+                return callback
+        return None
+
+    def add_stage(self, name: str, figures: dict[str, Any]) -> None:
+        """Add (or update) a column of figures; numbers are stored as plain Python values."""
+        clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in figures.items()}
+        self.stages.setdefault(name, {}).update(clean)
+
+    def measure(self, model: torch.nn.Module, example_input: torch.Tensor | None) -> dict[str, Any]:
+        """Measure ``model`` the way every stage is measured."""
+        if example_input is None:
+            raise ValueError(
+                "CompressionReport needs the model's `example_input_array` to count FLOPs and time it; set it in the"
+                " LightningModule's __init__ (e.g. `self.example_input_array = torch.zeros(1, 1, 8, 8)`)."
+            )
+        return measure_model(
+            model,
+            example_input,
+            latency=self.latency,
+            repeats=self.repeats,
+            num_threads=self.num_threads,
+            batch_size=self.batch_size,
+        )
+
+    def _metric(self, trainer: pl.Trainer, key: str) -> float | None:
+        value = trainer.callback_metrics.get(key)
+        return None if value is None else float(value)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or trainer.global_rank != 0:
+            return
+        self.stages.pop("final", None)
+        if "baseline" not in self.stages:  # a resumed run keeps the baseline of the run it resumes
+            self.add_stage("baseline", self.measure(pl_module, pl_module.example_input_array))  # type: ignore[arg-type]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.enabled or trainer.global_rank != 0 or stage != "fit" or trainer.sanity_checking:
+            return
+        figures = self.measure(pl_module, pl_module.example_input_array)  # type: ignore[arg-type]
+        figures[self.monitor] = self._metric(trainer, self.monitor)
+        self.add_stage("final", figures)
+        self.write(trainer)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or trainer.global_rank != 0 or "final" not in self.stages:
+            return
+        self.add_stage("final", {self.test_metric: self._metric(trainer, self.test_metric)})
+        self.write(trainer)
+
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """``baseline / stage`` for each stage and each size or speed figure (4.0 means four times smaller)."""
+        base = self.stages.get("baseline", {})
+        out: dict[str, dict[str, float]] = {}
+        for name, figures in self.stages.items():
+            if name == "baseline":
+                continue
+            out[name] = {
+                k: base[k] / figures[k] for k in RATIO_KEYS if base.get(k) and isinstance(figures.get(k), (int, float))
+            }
+            out[name] = {k: v for k, v in out[name].items() if figures.get(k)}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "monitor": self.monitor,
+            "test_metric": self.test_metric,
+            "latency": {"batch_size": self.batch_size, "num_threads": self.num_threads, "repeats": self.repeats},
+            "stages": self.stages,
+            "ratios": self.ratios(),
+        }
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None) -> Path:
+        """Write ``report.json`` and ``report.md`` (and, with a trainer, the TensorBoard text and scalars)."""
+        if output_dir is not None:
+            self.output_dir = Path(output_dir)
+        elif trainer is not None:
+            self.output_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        assert self.output_dir is not None, "`write` needs a trainer or an output_dir"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        table = format_report_markdown(self.stages)
+        (self.output_dir / "report.json").write_text(json.dumps(self.to_dict(), indent=2))
+        (self.output_dir / "report.md").write_text(f"# Compression report\n\n{table}\n")
+        if trainer is not None:
+            step = trainer.global_step
+            scalars = {
+                f"report/{stage}/{key}": float(value)
+                for stage, figures in self.stages.items()
+                for key, value in figures.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+            }
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_text"):
+                    experiment.add_text("compression_report", table, global_step=step)
+                logger.log_metrics(scalars, step=step)
+                logger.save()
+        return self.output_dir
