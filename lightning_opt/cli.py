@@ -25,6 +25,7 @@ __all__ = ["EXTRA_COMMANDS", "LightningOptCLI", "build_from_config", "main"]
 #: Subcommands beside LightningCLI's own: name -> "module:function"; the function takes ``argv: list[str]``.
 EXTRA_COMMANDS: dict[str, str] = {
     "report": "lightning_opt.reporting._cli:main",
+    "search": "lightning_opt.search._cli:main",
 }
 
 #: Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``.

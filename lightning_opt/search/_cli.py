@@ -27,7 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Command-line arguments after ``search``.
 
     Returns:
-        0 when the search finished, 1 when no trial completed, 2 on bad input (nothing was run).
+        0 when the search finished with at least one completed trial.
+
+    Raises:
+        SystemExit: With code 2 on bad input (nothing was run), 1 when no trial completed.
 
     Example:
         >>> main(["--config", "recipes/search/hpo_digits.yaml", "--search.n_trials=2"])  # doctest: +SKIP
@@ -49,9 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run_search(args.config, overrides, verbose=args.verbose, console=console)
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, markup=False)
-        return 2
-    return 0 if result.best_trials else 1
+        print(f"lightning-opt search: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not result.best_trials:
+        raise SystemExit(1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def _build(args: list[str]) -> Any:
         with contextlib.redirect_stderr(err):
             return build_from_config(args)
     except SystemExit as exit_:
-        lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-        message = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+        lines = [ln.strip() for ln in err.getvalue().strip().splitlines() if ln.strip()]
+        starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
+        message = " ".join(lines[starts[-1] :] if starts else lines[-3:])
         raise ValueError(f"the trial's config does not parse: {message or f'exit code {exit_.code}'}") from None
 
 
@@ -362,7 +363,7 @@ class _Search:
         except optuna.TrialPruned:
             raise
         except BaseException as err:
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:500]
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())}"[:1000]
             trial.set_user_attr("fail_reason", reason)
             if isinstance(err, ObjectiveNotLoggedError):
                 self.abort = ValueError(f"`search.objectives`: {err.args[0]}")

@@ -145,8 +145,8 @@ def suggest_keys(key: str, known: Iterable[str], n: int = 3) -> str:
 
 # --------------------------------------------------------------------------------------------------- parameters
 def _label(value: Any) -> str:
-    """A categorical choice as the string optuna stores (lists and dicts are JSON)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A categorical choice as optuna stores it: scalars as they are, lists and mappings as JSON strings."""
+    return value if value is None or isinstance(value, str | int | float | bool) else json.dumps(value)
 
 
 @dataclass

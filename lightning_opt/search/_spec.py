@@ -315,7 +315,7 @@ class SearchConfig:
         return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
-        """Build the optuna sampler (seeded per trial when ``seed`` is set).
+        """Build the optuna sampler; with ``seed``, random/TPE/NSGA-II draw each trial from ``(seed, trial number)``.
 
         Raises:
             ValueError: If the sampler rejects its keyword arguments.
@@ -333,8 +333,9 @@ class SearchConfig:
                 except TypeError as err:
                     raise ValueError(f"`search.sampler` {self.sampler!r}: {err}") from None
 
-        if self.seed is None:
-            return factory(None)
+        if self.seed is None or self.sampler in ("grid", "cmaes"):
+            # the grid order and the CMA-ES state are drawn once from the seed: a fresh draw per trial would reorder
+            return factory(self.seed)
         return _PerTrialSeedSampler(factory, self.seed)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:

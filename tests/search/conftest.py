@@ -19,7 +19,7 @@ TINY_RECIPE: dict[str, Any] = {
             "num_classes": 10,
             "in_channels": 1,
             "input_size": 8,
-            "backbone_kwargs": {"channels": [4], "kernel_sizes": 3},
+            "backbone_kwargs": {"channels": [8, 16], "kernel_sizes": 3},
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
         },
     },

@@ -26,14 +26,16 @@ def test_defaults_and_builders(tmp_path) -> None:
     assert cfg.study_name == "hpo"
     assert cfg.sampler == "tpe"
     assert cfg.directions == ["maximize"]
-    assert cfg.storage_url.startswith("sqlite:///") and cfg.storage_url.endswith("study.db")
+    assert cfg.storage_url.startswith("sqlite:///")
+    assert cfg.storage_url.endswith("study.db")
     assert isinstance(cfg.make_pruner(), optuna.pruners.NopPruner)
     multi = SearchConfig.from_dict(
         section(objectives=["val/acc", {"name": "latency_ms", "direction": "minimize"}], seed=3)
     )
     assert multi.sampler == "nsga2"
     assert multi.directions == ["maximize", "minimize"]
-    assert multi.objectives[1].builtin and not multi.objectives[0].builtin
+    assert multi.objectives[1].builtin
+    assert not multi.objectives[0].builtin
     for name in ("random", "tpe", "nsga2", "cmaes", "grid"):
         space = {"model.x": [1, 2]} if name == "grid" else SPACE
         one = SearchConfig.from_dict({"space": space, "sampler": name, "seed": 0})
@@ -108,7 +110,9 @@ def test_space_required_and_sampler_kwargs() -> None:
 def test_unreachable_storage() -> None:
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/nodb"
     cfg = SearchConfig.from_dict(section(storage=url))
-    with pytest.raises(ValueError, match=r"`search.storage` 'postgresql://nobody@127.0.0.1:\d+/nodb' cannot be reached"):
+    with pytest.raises(
+        ValueError, match=r"`search.storage` 'postgresql://nobody@127.0.0.1:\d+/nodb' cannot be reached"
+    ):
         cfg.make_storage()
     cfg = SearchConfig.from_dict(section(storage="nosuchdb://x"))
     with pytest.raises(ValueError, match="cannot be reached"):
