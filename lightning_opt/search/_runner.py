@@ -227,12 +227,11 @@ class _Search:
     # -------------------------------------------------------------------------------------------- storage
     def open_study(self) -> optuna.Study:
         cfg = self.config
-        storage = cfg.make_storage()
         study = None
-        for attempt in range(3):  # two new workers may race to create the same study
+        for attempt in range(4):  # new workers may race to create the same tables or study: retry
             try:
                 study = optuna.create_study(
-                    storage=storage,
+                    storage=cfg.make_storage(),
                     study_name=cfg.study_name,
                     directions=cfg.directions,
                     sampler=cfg.make_sampler(),
@@ -240,10 +239,12 @@ class _Search:
                     load_if_exists=True,
                 )
                 break
+            except ValueError:
+                raise
             except Exception:
-                if attempt == 2:
+                if attempt == 3:
                     raise
-                time.sleep(0.5 + attempt)
+                time.sleep(0.5 * (attempt + 1))
         assert study is not None
         wanted = [
             optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 
 from lightning_opt.search._space import SearchSpace, suggest_keys
 
@@ -156,6 +157,17 @@ class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self._inner.reseed_rng()
+
+
+def _postgres_driver(url: str) -> str:
+    """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 (a dependency) when psycopg is absent."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
 
 
 @dataclass
@@ -362,6 +374,7 @@ class SearchConfig:
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs: dict[str, Any] = {}
+        url = _postgres_driver(url)
         if url.startswith("postgresql"):
             engine_kwargs["connect_args"] = {"connect_timeout": int(os.environ.get("LIGHTNING_OPT_DB_TIMEOUT", "10"))}
             engine_kwargs["pool_pre_ping"] = True
@@ -377,7 +390,7 @@ class SearchConfig:
                         max_retry=self.max_retry
                     ),
                 )
-            except Exception as err:  # sqlalchemy raises OperationalError, ArgumentError, ImportError, ...
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ImportError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(
                     f"`search.storage` {url!r} cannot be reached: {first}. HINT: check host, port, user and database,"
