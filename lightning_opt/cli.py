@@ -49,7 +49,7 @@ class SuggestingArgumentParser(LightningArgumentParser):
 
     def _valid_keys(self) -> list[str]:
         keys: list[str] = []
-        parsers = [self]
+        parsers: list[LightningArgumentParser] = [self]
         while parsers:
             parser = parsers.pop()
             for action in parser._actions:
@@ -82,13 +82,13 @@ class SuggestingArgumentParser(LightningArgumentParser):
             hints.append(
                 self._hint(first, difflib.get_close_matches(first, list(dict.fromkeys(names)), n=3, cutoff=0.6))
             )
-        return "".join("\n" + h for h in hints)
+        return "".join("\n" + h for h in hints if h)
 
     @staticmethod
     def _hint(name: str, close: list[str]) -> str:
         if close:
             return f"HINT: unknown key {name!r}; did you mean {', '.join(repr(c) for c in close)}?"
-        return f"HINT: unknown key {name!r}; `--print_config` shows every valid key."
+        return ""
 
 
 class LightningOptCLI(LightningCLI):
@@ -109,6 +109,14 @@ class LightningOptCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
         kwargs.setdefault("parser_class", SuggestingArgumentParser)
         super().__init__(*args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build model, data, callbacks and trainer; bad input is reported as a usage error before training starts."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            parser = self._parser(self.subcommand)
+            parser.error(f"invalid configuration: {err}")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CompressionReport, "report")

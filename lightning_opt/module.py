@@ -56,7 +56,10 @@ class ImageClassifier(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        # Optimizer and scheduler factories stay out of the hyperparameters: checkpoints then load with
+        # `weights_only=True`; `load_from_checkpoint` rebuilds the model with the default optimizer.
+        ignore = ["optimizer", "lr_scheduler"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
         kwargs = dict(backbone_kwargs or {})
         if isinstance(backbone, nn.Module):
             self.backbone = backbone

@@ -50,7 +50,8 @@ def main(argv: Sequence[str]) -> dict:
         model.load_state_dict(checkpoint["state_dict"])
         figures = report.measure(model, model.example_input_array)  # type: ignore[arg-type]
     report.stages = {"checkpoint": figures}
-    out = report.write(output_dir=args.output_dir or _default_output_dir(ckpt))
+    out = Path(args.output_dir or _default_output_dir(ckpt))
+    report.write(output_dir=out)
     print(format_report_markdown(report.stages))
     print(f"\nReport written to {out / 'report.json'} and {out / 'report.md'}")
     return report.to_dict()

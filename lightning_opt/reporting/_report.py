@@ -65,8 +65,10 @@ def format_report_markdown(stages: dict[str, dict[str, Any]], baseline: str = "b
         row = [_LABELS.get(key, key), *(_fmt(stages[n].get(key)) for n in names)]
         for n in others:
             a, b = stages[baseline].get(key), stages[n].get(key)
-            ok = key in RATIO_KEYS and isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
-            row.append(f"{a / b:.2f}x" if ok else "")
+            if key in RATIO_KEYS and isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+                row.append(f"{a / b:.2f}x")
+            else:
+                row.append("")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -161,6 +163,15 @@ class CompressionReport(Callback):
         return None if value is None else float(value)
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline": self.stages.get("baseline")}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("baseline"):  # a resumed run reports against the model it started from, not the checkpoint
+            self.stages = {"baseline": dict(state_dict["baseline"])}
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.global_rank != 0:
             return
@@ -208,7 +219,7 @@ class CompressionReport(Callback):
         }
 
     @rank_zero_only
-    def write(self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None) -> Path:
+    def write(self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None) -> Path | None:
         """Write ``report.json`` and ``report.md`` (and, with a trainer, the TensorBoard text and scalars)."""
         if output_dir is not None:
             self.output_dir = Path(output_dir)
@@ -229,7 +240,7 @@ class CompressionReport(Callback):
             }
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
-                if hasattr(experiment, "add_text"):
+                if experiment is not None and hasattr(experiment, "add_text"):
                     experiment.add_text("compression_report", table, global_step=step)
                 logger.log_metrics(scalars, step=step)
                 logger.save()

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_opt.measure import (
+    count_flops,
+    count_nonzero_parameters,
+    count_parameters,
+    measure_latency,
+    measure_model,
+    saved_size_bytes,
+)
+
+
+def test_parameter_counts_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(5, 2, bias=False))
+    assert count_parameters(model) == (3 * 4 * 9 + 4) + 5 * 2
+    with torch.no_grad():
+        model[0].weight[:2].zero_()
+    assert count_nonzero_parameters(model) == count_parameters(model) - 2 * 3 * 9
+
+
+def test_flops_by_hand_for_conv_and_linear():
+    # Conv2d 1->2, 3x3, padding 1, on 4x4: 2 out channels * 16 positions * 9 MACs * 2 FLOPs per MAC.
+    assert count_flops(nn.Conv2d(1, 2, 3, padding=1, bias=False), torch.zeros(1, 1, 4, 4)) == 2 * 16 * 9 * 2
+    # Linear 10->3 on a batch of 4: 4 * 10 * 3 MACs.
+    assert count_flops(nn.Linear(10, 3), torch.zeros(4, 10)) == 2 * 4 * 10 * 3
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 5))
+    assert count_flops(model, torch.zeros(1, 1, 4, 4)) == 2 * 16 * 9 * 2 + 2 * 32 * 5
+
+
+def test_saved_size_grows_with_weights_and_zeros_compress():
+    small, big = nn.Linear(10, 10), nn.Linear(100, 100)
+    assert saved_size_bytes(big) - saved_size_bytes(small) >= (100 * 100 - 10 * 10) * 4
+    sparse = nn.Linear(100, 100)
+    with torch.no_grad():
+        sparse.weight.zero_()
+    assert saved_size_bytes(sparse, compressed=True) < saved_size_bytes(big, compressed=True) / 5
+
+
+def test_latency_positive_median_and_spread_and_batch():
+    result = measure_latency(nn.Linear(32, 32), torch.zeros(1, 32), warmup=2, repeats=10, batch_size=8)
+    assert result.median_ms > 0 and result.spread_ms >= 0 and result.min_ms <= result.median_ms
+    assert result.batch_size == 8 and result.repeats == 10 and result.num_threads == 1
+    with pytest.raises(ValueError, match="`repeats` must be >= 1"):
+        measure_latency(nn.Linear(2, 2), torch.zeros(1, 2), repeats=0)
+
+
+def test_measure_model_leaves_model_untouched():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    figures = measure_model(model, torch.zeros(1, 4), repeats=3)
+    assert model.training
+    assert figures["params"] == 20 and figures["flops"] == 32 and figures["latency_ms"] > 0
+    assert set(figures) >= {"nonzero_params", "sparsity", "size_bytes", "size_bytes_compressed", "latency_spread_ms"}

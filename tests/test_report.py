@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_opt.data import DigitsDataModule
+from lightning_opt.module import ImageClassifier
+from lightning_opt.reporting import CompressionReport, format_report_markdown
+from tests.conftest import read_tensorboard
+
+FIGURES = {"params", "nonzero_params", "sparsity", "size_bytes", "size_bytes_compressed", "flops", "latency_ms"}
+
+
+def test_report_before_after_in_tensorboard_json_and_markdown(tmp_path):
+    report = CompressionReport(monitor="val/acc", repeats=3)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[report],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    model = ImageClassifier("small_cnn", backbone_kwargs={"channels": [4, 8]})
+    dm = DigitsDataModule(batch_size=16)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+
+    data = json.loads((tmp_path / "run" / "version_0" / "report.json").read_text())
+    assert set(data["stages"]["baseline"]) >= FIGURES and set(data["stages"]["final"]) >= FIGURES
+    assert data["stages"]["final"]["params"] == sum(p.numel() for p in model.parameters())
+    assert 0 <= data["stages"]["final"]["val/acc"] <= 1 and 0 <= data["stages"]["final"]["test/acc"] <= 1
+    assert data["ratios"]["final"]["params"] == pytest.approx(1.0)
+    markdown = (tmp_path / "run" / "version_0" / "report.md").read_text()
+    assert "| parameters |" in markdown and "baseline / final" in markdown
+
+    scalars, texts = read_tensorboard(tmp_path / "run")
+    assert {"train/loss_step", "val/acc", "val/loss", "report/final/flops", "report/baseline/params"} <= set(scalars)
+    assert any("| FLOPs / forward |" in t for t in texts["compression_report/text_summary"])
+
+
+def test_resumed_run_keeps_the_original_baseline(tmp_path):
+    def run(report, ckpt_path=None, epochs=1):
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            logger=TensorBoardLogger(tmp_path, name="run"),
+            callbacks=[report],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        model = ImageClassifier("small_cnn", backbone_kwargs={"channels": [4, 8]})
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=16), ckpt_path=ckpt_path)
+        return trainer, model
+
+    first = CompressionReport(repeats=2)
+    trainer, _ = run(first)
+    ckpt = trainer.checkpoint_callback.best_model_path
+    with torch.no_grad():  # what the first run started from
+        baseline_nonzeros = first.stages["baseline"]["nonzero_params"]
+    second = CompressionReport(repeats=2)
+    run(second, ckpt_path=ckpt, epochs=2)
+    assert second.stages["baseline"]["nonzero_params"] == baseline_nonzeros
+    assert second.stages["baseline"]["latency_ms"] == first.stages["baseline"]["latency_ms"]
+
+
+def test_other_callbacks_add_stages_with_ratios(tmp_path):
+    report = CompressionReport()
+    report.add_stage("baseline", {"params": 100, "latency_ms": 2.0})
+    report.add_stage("int8", {"params": 100, "latency_ms": 0.5, "test/acc": 0.9})
+    report.write(output_dir=tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["ratios"]["int8"]["latency_ms"] == pytest.approx(4.0)
+    assert "4.00x" in (tmp_path / "report.md").read_text()
+
+
+def test_markdown_table_shape():
+    table = format_report_markdown({"baseline": {"flops": 10, "x": "a"}, "final": {"flops": 5}})
+    assert table.splitlines()[2] == "| FLOPs / forward | 10 | 5 | 2.00x |"
+
+
+@pytest.mark.parametrize("name", ["batch_size", "num_threads", "repeats"])
+def test_report_rejects_non_positive_settings(name):
+    with pytest.raises(ValueError, match=f"`{name}` must be >= 1, got 0"):
+        CompressionReport(**{name: 0})
