@@ -349,7 +349,9 @@ class SearchSpace:
     """An ordered set of :class:`Param` over dotted keys of a recipe.
 
     Args:
-        space: Mapping from dotted config key to parameter spec (see :class:`Param`), in sampling order.
+        space: Mapping from dotted config key to parameter spec (see :class:`Param`), in sampling order. A key that
+            starts with ``_`` is a search-only choice: it is sampled and recorded (a gate for ``when``) but not
+            written into the config.
 
     Raises:
         ValueError: If a parameter spec is invalid, or a ``when`` / ``length`` refers to a key that is not an
@@ -400,7 +402,7 @@ class SearchSpace:
         """
         known = set(known)
         for key in self.keys:
-            if key not in known:
+            if key not in known and not key.startswith("_"):
                 raise ValueError(
                     f"search.space: `{key}` is not a key of the recipe (nor of its parsed config)."
                     + suggest_keys(key, sorted(known))
@@ -474,8 +476,9 @@ class SearchSpace:
 
     @staticmethod
     def apply(recipe: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-        """Return a deep copy of ``recipe`` with ``values`` set at their keys."""
+        """Return a deep copy of ``recipe`` with ``values`` set at their keys (``_``-keys are search-only)."""
         config = copy.deepcopy(dict(recipe))
         for key, value in values.items():
-            set_path(config, key, value)
+            if not key.startswith("_"):
+                set_path(config, key, value)
         return config

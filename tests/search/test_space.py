@@ -110,3 +110,14 @@ def test_apply_and_grid() -> None:
         SearchSpace({"model.lr": {"low": 0.1, "high": 1.0}}).grid_space()
     with pytest.raises(ValueError, match="list and conditional"):
         SearchSpace({"model.a": [1, 2], "model.b": {"choices": [1], "when": {"model.a": 1}}}).grid_space()
+
+
+def test_search_only_gate_keys() -> None:
+    space = SearchSpace(
+        {"_hidden_on": [False, True], "model.hidden": {"choices": [16, 32], "when": {"_hidden_on": True}}}
+    )
+    space.check_keys(["model.hidden"])  # `_` keys are not recipe keys
+    assert SearchSpace.apply({"model": {"hidden": 0}}, {"_hidden_on": False}) == {"model": {"hidden": 0}}
+    assert SearchSpace.apply({"model": {"hidden": 0}}, {"_hidden_on": True, "model.hidden": 32}) == {
+        "model": {"hidden": 32}
+    }
