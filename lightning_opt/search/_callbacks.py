@@ -65,11 +65,11 @@ class TrialCallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor is None:
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        logged = trainer.callback_metrics.get(self.monitor)
+        if logged is None:
             available = sorted(trainer.callback_metrics)
             raise KeyError(f"objective `{self.monitor}` is not logged; logged metrics: {available}")
-        value = float(value)
+        value = float(logged)
         if not math.isfinite(value):
             raise NonFiniteLossError(f"`{self.monitor}` is {value} at step {trainer.global_step}")
         step = trainer.global_step

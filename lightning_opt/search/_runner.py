@@ -239,7 +239,7 @@ class _Search:
                 f" {type(cli.model).__name__} has none. HINT: set `self.example_input_array` in the module."
             )
         # a sampled example config must also be expressible (keys under a leaf value, list index out of range)
-        probe = optuna.create_study(directions=cfg.directions)
+        probe = optuna.create_study(directions=cfg.directions)  # type: ignore[arg-type]
         for _ in range(3):
             values = cfg.space.sample(probe.ask())
             try:
@@ -256,7 +256,7 @@ class _Search:
                 study = optuna.create_study(
                     storage=cfg.make_storage(),
                     study_name=cfg.study_name,
-                    directions=cfg.directions,
+                    directions=cfg.directions,  # type: ignore[arg-type]
                     sampler=cfg.make_sampler(),
                     pruner=cfg.make_pruner(),
                     load_if_exists=True,

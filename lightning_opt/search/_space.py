@@ -144,7 +144,7 @@ def suggest_keys(key: str, known: Iterable[str], n: int = 3) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- parameters
-def _label(value: Any) -> str:
+def _label(value: Any) -> Any:
     """A categorical choice as optuna stores it: scalars as they are, lists and mappings as JSON strings."""
     return value if value is None or isinstance(value, str | int | float | bool) else json.dumps(value)
 
@@ -281,25 +281,6 @@ class Param:
                 raise ValueError(f"{where}: `step` must be > 0, got {self.step!r}.")
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def distribution(self) -> optuna.distributions.BaseDistribution:
-        """The optuna distribution of a scalar parameter."""
-        if self.type == "categorical":
-            assert self.choices is not None
-            return optuna.distributions.CategoricalDistribution([_label(c) for c in self.choices])
-        if self.type == "int":
-            return optuna.distributions.IntDistribution(
-                int(self.low),
-                int(self.high),
-                log=self.log,
-                step=int(self.step or 1),  # type: ignore[arg-type]
-            )
-        return optuna.distributions.FloatDistribution(
-            float(self.low),  # type: ignore[arg-type]
-            float(self.high),  # type: ignore[arg-type]
-            log=self.log,
-            step=None if self.step is None else float(self.step),
-        )
-
     def grid(self) -> list[Any]:
         """The finite values of a scalar parameter, for the grid sampler.
 

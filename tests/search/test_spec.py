@@ -117,3 +117,13 @@ def test_unreachable_storage() -> None:
     cfg = SearchConfig.from_dict(section(storage="nosuchdb://x"))
     with pytest.raises(ValueError, match="cannot be reached"):
         cfg.make_storage()
+
+
+def test_seeded_sampler_copies_and_drives_a_multi_objective_study() -> None:
+    import copy
+
+    cfg = SearchConfig.from_dict(section(objectives=["val/acc", "val/loss"], sampler="tpe", seed=0))
+    sampler = copy.deepcopy(cfg.make_sampler())  # optuna copies samplers (multi-objective TPE did, and failed)
+    study = optuna.create_study(directions=cfg.directions, sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=12)
+    assert len(study.best_trials) >= 1
