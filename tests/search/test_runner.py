@@ -9,6 +9,8 @@ import optuna
 import pytest
 import yaml
 from rich.console import Console
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_opt.search import load_search_recipe, run_search
 from lightning_opt.search._cli import main as search_main
@@ -23,7 +25,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_search_end_to_end_outputs_and_best_yaml_reproduces(make_recipe, tmp_path) -> None:
+def test_search_end_to_end_outputs_and_best_yaml_reproduces(make_recipe, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the refit below writes LightningCLI's config.yaml into the working directory
     recipe = make_recipe(
         search={
             "space": {
@@ -51,8 +54,20 @@ def test_search_end_to_end_outputs_and_best_yaml_reproduces(make_recipe, tmp_pat
     assert {r["state"] for r in rows} == {"COMPLETE"}
     assert all(0.0 <= float(r["outside_training_share"]) < 1.0 for r in rows)
     assert (run / "history.png").stat().st_size > 1000
-    assert list((run / "hparams").glob("trial_0002/events.out.tfevents.*"))
-    assert list((run / "summary").glob("events.out.tfevents.*"))
+    # TensorBoard HParams view: one session per trial with its searched values, objectives as metrics
+    for t in trials:
+        acc = EventAccumulator(str(run / "hparams" / f"trial_{t.number:04d}"))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert hparams["model.init_args.optimizer.init_args.lr"].number_value == pytest.approx(
+            t.params["model.init_args.optimizer.init_args.lr"]
+        )
+        assert hparams["state"].string_value == "COMPLETE"
+        assert acc.Scalars("search/val/acc")[0].value == pytest.approx(t.values[0])
+    summary = EventAccumulator(str(run / "summary"))
+    summary.Reload()
+    assert "search/history" in summary.Tags()["images"]
     out = console.file.getvalue()
     assert "3 trials (3 complete, 0 pruned, 0 failed)" in out
     assert "best config: lightning-opt fit --config" in out
@@ -182,6 +197,9 @@ def test_multi_objective_latency_pareto(make_recipe, tmp_path) -> None:
     assert params["[4]"] < params["[16, 32]"]  # measured on the trained model
     assert all(t.values[1] > 0 for t in trials)
     assert (tmp_path / "run" / "pareto.png").stat().st_size > 1000
+    summary = EventAccumulator(str(tmp_path / "run" / "summary"))
+    summary.Reload()
+    assert "search/pareto_front" in summary.Tags()["images"]
     assert result.best_configs[0].name == "best.yaml"
     assert len(result.best_configs) == len(result.best_trials) >= 1
 
