@@ -127,3 +127,12 @@ def test_seeded_sampler_copies_and_drives_a_multi_objective_study() -> None:
     study = optuna.create_study(directions=cfg.directions, sampler=sampler)
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=12)
     assert len(study.best_trials) >= 1
+
+
+def test_cmaes_sampler_runs() -> None:
+    cfg = SearchConfig.from_dict(
+        {"space": {"m.x": {"low": -1.0, "high": 1.0}, "m.y": {"low": -1.0, "high": 1.0}}, "sampler": "cmaes", "seed": 0}
+    )
+    study = optuna.create_study(sampler=cfg.make_sampler())
+    study.optimize(lambda t: sum(v**2 for v in cfg.space.sample(t).values()), n_trials=8)
+    assert study.best_value < 1.0
