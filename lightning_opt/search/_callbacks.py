@@ -21,9 +21,11 @@ class NonFiniteLossError(RuntimeError):
 class TrialCallback(Callback):
     """Reports the monitored metric to an optuna trial after each validation and stops a hopeless trial.
 
-    After every validation (sanity check excluded) the value of ``monitor`` is reported to the trial at
-    ``trainer.global_step``; when the study's trial pruner says so, :class:`optuna.TrialPruned` is raised, which ends
-    the fit and marks the trial pruned. A NaN or infinite training loss raises :class:`NonFiniteLossError`.
+    After every validation (sanity check excluded) the value of ``monitor`` is reported to the trial, at step
+    0, 1, 2, ... (the count of validations so far: with the default ``val_check_interval`` the epoch), so that trials
+    whose optimizer steps differ (a searched batch size) are compared at the same point of training; when the
+    study's trial pruner says so, :class:`optuna.TrialPruned` is raised, which ends the fit and marks the trial
+    pruned. A NaN or infinite training loss raises :class:`NonFiniteLossError`.
 
     It is added by the search loop to each trial's Trainer; it holds no state worth resuming (a trial is not resumed,
     a dead worker's trial is re-run from scratch).
@@ -52,6 +54,7 @@ class TrialCallback(Callback):
         self.trial = trial
         self.monitor = monitor
         self.reported: dict[int, float] = {}
+        self._last_global_step = -1
 
     @override
     def on_train_batch_end(
@@ -72,10 +75,13 @@ class TrialCallback(Callback):
         value = float(logged)
         if not math.isfinite(value):
             raise NonFiniteLossError(f"`{self.monitor}` is {value} at step {trainer.global_step}")
-        step = trainer.global_step
-        if step in self.reported:  # validation twice at one step (e.g. an extra validate call)
+        if trainer.global_step == self._last_global_step:  # validated again without training in between
             return
+        self._last_global_step = trainer.global_step
+        step = len(self.reported)
         self.reported[step] = value
         self.trial.report(value, step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} with {self.monitor}={value:.6g}")
+            raise optuna.TrialPruned(
+                f"pruned after validation {step} (global step {trainer.global_step}) with {self.monitor}={value:.6g}"
+            )

@@ -472,7 +472,7 @@ class _Search:
         if trial.state == TrialState.FAIL:
             self.console.print(f"[red]trial {trial.number} failed[/red]: {trial.user_attrs.get('fail_reason', '?')}")
         elif trial.state == TrialState.PRUNED:
-            self.console.print(f"[dim]trial {trial.number} pruned at step {trial.last_step}[/dim]")
+            self.console.print(f"[dim]trial {trial.number} pruned after validation {trial.last_step}[/dim]")
 
 
 def run_search(
