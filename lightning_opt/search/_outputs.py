@@ -157,6 +157,13 @@ def _plot_pareto(trials: list[FrozenTrial], front: list[FrozenTrial], config: Se
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="tab:red", label="Pareto front")
     for x, y, n in pts:
         ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    xs = [t.values[1] for t in done]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 10:  # e.g. latencies of pruned and unpruned models
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"{oy.name} ({oy.direction})")
     ax.set_ylabel(f"{ox.name} ({ox.direction})")
     ax.set_title(f"{config.study_name}: Pareto front of {len(done)} trials")
