@@ -133,11 +133,11 @@ def _quiet(enabled: bool) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _parser_error(err: io.StringIO, exit_: SystemExit) -> ValueError:
+def _parser_error(err: io.StringIO, exit_: SystemExit, what: str) -> ValueError:
     lines = [ln.strip() for ln in err.getvalue().strip().splitlines() if ln.strip()]
     starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
     message = " ".join(lines[starts[-1] :] if starts else lines[-3:])
-    return ValueError(f"the trial's config does not parse: {message or f'exit code {exit_.code}'}")
+    return ValueError(f"{what} does not parse: {message or f'exit code {exit_.code}'}")
 
 
 class _Builder:
@@ -153,6 +153,7 @@ class _Builder:
         from lightning_opt.cli import build_from_config
 
         err = io.StringIO()
+        first = self.cli
         try:
             with contextlib.redirect_stderr(err):
                 if self.cli is None:
@@ -167,7 +168,7 @@ class _Builder:
                 cli.after_instantiate_classes()
                 return cli
         except SystemExit as exit_:
-            raise _parser_error(err, exit_) from None
+            raise _parser_error(err, exit_, "the recipe" if first is None else "the trial's config") from None
 
 
 def _trial_name(number: int) -> str:
@@ -228,9 +229,12 @@ class _Search:
         """Build the recipe once (without the search) so that a broken recipe or key fails before any trial."""
         cfg = self.config
         run_cfg = self._run_config(self.recipe, self.run_dir / "dry_run", "dry_run", logger=False)
-        with _quiet(not self.verbose):
-            cli = self.builder.build(self._write(self.run_dir / "dry_run.yaml", run_cfg))
-        (self.run_dir / "dry_run.yaml").unlink(missing_ok=True)
+        dry = self.run_dir / f".dry_run_{os.uname().nodename}_{os.getpid()}.yaml"  # workers may share the run dir
+        try:
+            with _quiet(not self.verbose):
+                cli = self.builder.build(self._write(dry, run_cfg))
+        finally:
+            dry.unlink(missing_ok=True)
         known = set(flatten_keys(self.recipe)) | set(flatten_keys(cli.config.as_dict()))
         cfg.space.check_keys(known)
         if self.builtins and getattr(cli.model, "example_input_array", None) is None:

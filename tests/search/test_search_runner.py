@@ -225,7 +225,7 @@ def test_bad_input_fails_before_any_trial(make_recipe, tmp_path, capsys) -> None
         run_search(make_recipe(), ["--search.pruner=median", "--search.objectives=[val/acc, params]"], console=quiet())
     with pytest.raises(ValueError, match="cannot be reached"):
         run_search(make_recipe(), ["--search.storage=postgresql://x@127.0.0.1:1/db"], console=quiet())
-    with pytest.raises(ValueError, match="the trial's config does not parse.*max_epochz"):
+    with pytest.raises(ValueError, match="the recipe does not parse.*max_epochz"):
         run_search(make_recipe(), ["--trainer.max_epochz=1"], console=quiet())
     path = tmp_path / "plain.yaml"
     cfg = yaml.safe_load(make_recipe().read_text())
