@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,15 @@ def _best_yaml(path: Path, trial: FrozenTrial, config: SearchConfig, recipe: dic
         f"# Searched values: {json.dumps(values)}\n"
         f"# Run: lightning-opt fit --config {path}\n"
     )
-    path.write_text(header + yaml.safe_dump(best, sort_keys=False))
+    _atomic_write(path, lambda tmp: tmp.write_text(header + yaml.safe_dump(best, sort_keys=False)))
     return path
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` then rename onto ``path``: workers finishing together never interleave a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def _plot_history(trials: list[FrozenTrial], config: SearchConfig) -> Any:
@@ -176,7 +184,7 @@ def _plot_pareto(trials: list[FrozenTrial], front: list[FrozenTrial], config: Se
 def _tensorboard(trials: list[FrozenTrial], config: SearchConfig, figures: dict[str, Any], run_dir: Path) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
-    hp_dir = run_dir / "hparams"
+    hp_dir = run_dir / f".hparams.{os.getpid()}"  # written aside, then swapped in: workers may finish together
     shutil.rmtree(hp_dir, ignore_errors=True)
     names = [o.name for o in config.objectives]
     with SummaryWriter(log_dir=str(hp_dir)) as writer:
@@ -195,12 +203,27 @@ def _tensorboard(trials: list[FrozenTrial], config: SearchConfig, figures: dict[
             if not metrics:
                 metrics["search/steps"] = 0.0
             writer.add_hparams(hparams, metrics, run_name=f"trial_{t.number:04d}")
-    summary_dir = run_dir / "summary"
+    _swap_in(hp_dir, run_dir / "hparams")
+    summary_dir = run_dir / f".summary.{os.getpid()}"
     shutil.rmtree(summary_dir, ignore_errors=True)
     with SummaryWriter(log_dir=str(summary_dir)) as writer:
         for tag, fig in figures.items():
             writer.add_figure(f"search/{tag}", fig, close=False)
+    _swap_in(summary_dir, run_dir / "summary")
     return run_dir
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace directory ``target`` by ``new`` (renames only, so a reader never sees a half-written directory)."""
+    old = target.with_name(f".{target.name}.old.{os.getpid()}")
+    try:
+        if target.exists():
+            target.rename(old)
+        new.rename(target)
+    except OSError:  # another worker swapped its own copy in meanwhile: keep theirs
+        shutil.rmtree(new, ignore_errors=True)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_outputs(
@@ -236,27 +259,31 @@ def write_outputs(
     front_numbers = {t.number for t in result.best_trials}
 
     for old in run_dir.glob("best*.yaml"):
-        old.unlink()
+        old.unlink(missing_ok=True)
     for i, t in enumerate(result.best_trials):
         name = "best.yaml" if i == 0 else f"best_trial_{t.number:04d}.yaml"
         result.best_configs.append(_best_yaml(run_dir / name, t, config, recipe))
 
     header, rows = _rows(trials, config, front_numbers)
     csv_path = run_dir / "trials.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic_write(csv_path, write_csv)
     result.files["csv"] = csv_path
 
     figures: dict[str, Any] = {}
     if completed:
         figures["history"] = _plot_history(trials, config)
-        figures["history"].savefig(run_dir / "history.png")
+        _atomic_write(run_dir / "history.png", lambda tmp: figures["history"].savefig(tmp, format="png"))
         result.files["history_png"] = run_dir / "history.png"
         if multi:
             figures["pareto_front"] = _plot_pareto(trials, result.best_trials, config)
-            figures["pareto_front"].savefig(run_dir / "pareto.png")
+            _atomic_write(run_dir / "pareto.png", lambda tmp: figures["pareto_front"].savefig(tmp, format="png"))
             result.files["pareto_png"] = run_dir / "pareto.png"
     if trials:
         result.files["tensorboard"] = _tensorboard(trials, config, figures, run_dir)
