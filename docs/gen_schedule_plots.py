@@ -1,6 +1,6 @@
 """Draw every schedule of ``lightning_opt.schedules`` into docs/img/schedule_<name>.png (run from the repo root).
 
-    python docs/gen_schedule_plots.py
+python docs/gen_schedule_plots.py
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_opt.schedules import (  # noqa: E402
+from lightning_opt.schedules import (
     ConstantSchedule,
     ExponentialSchedule,
     IterativeSchedule,

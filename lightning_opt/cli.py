@@ -25,6 +25,7 @@ __all__ = ["EXTRA_COMMANDS", "LightningOptCLI", "build_from_config", "main"]
 #: Subcommands beside LightningCLI's own: name -> "module:function"; the function takes ``argv: list[str]``.
 EXTRA_COMMANDS: dict[str, str] = {
     "report": "lightning_opt.reporting._cli:main",
+    "export": "lightning_opt.export:main",
     "search": "lightning_opt.search._cli:main",
 }
 

@@ -6,13 +6,15 @@ FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-ad
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import itertools
 import os
 import statistics
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -184,7 +186,7 @@ def measure_model(
     num_threads: int = 1,
     batch_size: int | None = None,
 ) -> dict[str, float]:
-    """All figures of a model at once, measured on an eval-mode CPU copy (the model itself is left untouched).
+    """All figures of a model at once, measured in eval mode on the CPU (train/eval modes are restored afterwards).
 
     Returns:
         ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops`` and,
@@ -195,9 +197,42 @@ def measure_model(
         >>> figures["params"], figures["flops"]
         (10, 16)
     """
-    probe = copy.deepcopy(model).cpu().eval()
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
+    with _measurable(model) as probe:
+        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+        inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
+        return _measure(probe, inputs, latency, warmup, repeats, num_threads, batch_size)
+
+
+@contextlib.contextmanager
+def _measurable(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode on the CPU, restored afterwards.
+
+    A CPU model is measured in place (its training flags are put back), so that a LightningModule is never copied
+    together with its trainer; a model on another device is measured on a CPU copy.
+    """
+    if any(t.device.type != "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
+        yield copy.deepcopy(model).cpu().eval()
+        return
+    flags = {m: m.training for m in model.modules()}  # pre-order: parents before children
+    model.eval()
+    try:
+        yield model
+    finally:
+        # `.train(mode)` rather than the bare flag: exported (pt2e) graphs switch their ops in their own `.train`
+        for module, training in flags.items():
+            if module.training != training:
+                module.train(training)
+
+
+def _measure(
+    probe: nn.Module,
+    inputs: tuple,
+    latency: bool,
+    warmup: int,
+    repeats: int,
+    num_threads: int,
+    batch_size: int | None,
+) -> dict[str, float]:
     params = count_parameters(probe)
     nonzero = count_nonzero_parameters(probe)
     figures: dict[str, float] = {

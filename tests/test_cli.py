@@ -102,8 +102,11 @@ def test_console_script_quickstart_then_resume_and_report(tmp_path, monkeypatch)
     main(["fit", "--config", QUICKSTART, *resumed])  # the run resumes from its checkpoint (weights_only load)
     assert (tmp_path / "runs" / "quickstart" / "version_1" / "report.json").exists()
     out_dir = tmp_path / "measured"
+    (tmp_path / "measured-from-here").mkdir()
+    monkeypatch.chdir(tmp_path / "measured-from-here")
     main(["report", "--ckpt", str(ckpt), "--config", QUICKSTART, "--output_dir", str(out_dir), *SHRINK])
     measured = json.loads((out_dir / "report.json").read_text())["stages"]["checkpoint"]
+    assert list((tmp_path / "measured-from-here").iterdir()) == []  # the report command leaves nothing behind
     assert measured["params"] == data["stages"]["final"]["params"]
     assert measured["test/acc"] == pytest.approx(data["stages"]["final"]["test/acc"])
 

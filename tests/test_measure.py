@@ -54,3 +54,20 @@ def test_measure_model_leaves_model_untouched():
     assert model.training
     assert figures["params"] == 20 and figures["flops"] == 32 and figures["latency_ms"] > 0
     assert set(figures) >= {"nonzero_params", "sparsity", "size_bytes", "size_bytes_compressed", "latency_spread_ms"}
+
+
+def test_measure_model_does_not_copy_a_lightning_module_with_its_trainer():
+    import lightning.pytorch as pl
+
+    from lightning_opt.module import ImageClassifier
+
+    model = ImageClassifier("small_cnn", backbone_kwargs={"channels": [4]})
+    model.teacher_like = torch.nn.Linear(2, 2).eval()  # a frozen submodule keeps its eval mode
+    model.trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+    model.train()
+    model.teacher_like.eval()
+    figures = measure_model(model, model.example_input_array, latency=False)
+    assert figures["params"] == sum(p.numel() for p in model.parameters())
+    assert model.training
+    assert model.backbone.training
+    assert not model.teacher_like.training

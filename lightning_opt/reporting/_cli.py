@@ -36,7 +36,7 @@ def main(argv: Sequence[str]) -> dict:
     for config in args.config:
         cli_args += ["--config", config]
     cli_args += ["--trainer.logger=false", "--trainer.enable_progress_bar=false", *overrides]
-    cli = build_from_config(cli_args)
+    cli = build_from_config(cli_args, save_config_callback=None)  # measuring writes nothing but the report
     report = CompressionReport.find(cli.trainer) or CompressionReport()
     trainer, model = cli.trainer, cli.model
     if not args.no_test:

@@ -1,0 +1,293 @@
+"""Distillation losses: pure functions and thin ``nn.Module`` wrappers.
+
+The functions hold the maths and are tested against reference formulas; the modules only keep the hyperparameters
+(and, for feature distillation, the learned adapters) so that a :class:`~lightning_opt.distillation.DistillationModule`
+or any user code can hold them as sub-modules.
+
+Conventions:
+
+* ``alpha`` is the weight of the *soft* (teacher) term: ``loss = alpha * soft + (1 - alpha) * hard``.
+  ``alpha = 0`` is plain supervised training, ``alpha = 1`` uses the teacher alone.
+* The soft term is Hinton et al. (2015): ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over
+  the batch. The ``T^2`` factor keeps its gradient magnitude comparable with the hard term when ``T`` changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FeatureAdapter",
+    "FeatureDistillationLoss",
+    "HintonLoss",
+    "KDLoss",
+    "agreement",
+    "check_alpha",
+    "check_temperature",
+    "feature_loss",
+    "hinton_loss",
+    "kd_loss",
+]
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> float:
+    """Return ``temperature`` as a float, or raise if it is not a finite number > 0.
+
+    Raises:
+        ValueError: If ``temperature <= 0`` or not finite.
+    """
+    t = float(temperature)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(
+            f"`{name}` must be a finite number > 0, got {temperature!r}. "
+            "HINT: T = 1 gives the plain softmax; Hinton et al. use T in [2, 20] to soften the teacher's targets."
+        )
+    return t
+
+
+def check_alpha(alpha: float, name: str = "alpha") -> float:
+    """Return ``alpha`` as a float, or raise if it is not in [0, 1].
+
+    Raises:
+        ValueError: If ``alpha`` is outside [0, 1].
+    """
+    a = float(alpha)
+    if not (0.0 <= a <= 1.0):
+        raise ValueError(
+            f"`{name}` must be in [0, 1], got {alpha!r}. "
+            "HINT: alpha is the weight of the soft (teacher) loss; the hard-label loss gets 1 - alpha."
+        )
+    return a
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got student {tuple(student_logits.shape)} and "
+            f"teacher {tuple(teacher_logits.shape)}. HINT: both models must predict the same classes."
+        )
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Soft-target loss of Hinton et al. (2015): ``T^2 * KL(p_teacher^T || p_student^T)``, mean over the batch.
+
+    Args:
+        student_logits: ``(N, C)`` (or ``(N, C, ...)``, class dimension 1) raw student outputs.
+        teacher_logits: Teacher outputs of the same shape; treated as constants (detached).
+        temperature: Softmax temperature ``T > 0``.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: If the shapes differ or ``temperature <= 0``.
+
+    Example:
+        >>> s = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> round(kd_loss(s, s, temperature=2.0).item(), 6)
+        0.0
+    """
+    t = check_temperature(temperature)
+    _check_logits(student_logits, teacher_logits)
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    # KL(teacher || student) summed over classes, averaged over the other dimensions (batch and any spatial ones).
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
+    return kl.mean() * (t * t)
+
+
+def hinton_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Hinton KD mixed with the hard-label cross-entropy: ``alpha * kd_loss + (1 - alpha) * CE(student, target)``.
+
+    Args:
+        student_logits: ``(N, C)`` raw student outputs.
+        teacher_logits: ``(N, C)`` raw teacher outputs (detached).
+        target: ``(N,)`` integer class labels.
+        alpha: Weight of the soft term, in [0, 1].
+        temperature: Softmax temperature of the soft term, > 0.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: If ``alpha`` is outside [0, 1], ``temperature <= 0`` or the logits' shapes differ.
+
+    Example:
+        >>> s, t, y = torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> round(hinton_loss(s, t, y, alpha=0.0).item(), 4) == round(math.log(3), 4)
+        True
+    """
+    a = check_alpha(alpha)
+    soft = kd_loss(student_logits, teacher_logits, temperature)
+    hard = F.cross_entropy(student_logits, target)
+    return a * soft + (1.0 - a) * hard
+
+
+def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """FitNets hint loss: mean squared error between (adapted) student features and teacher features.
+
+    Args:
+        student_features: Student activations, already mapped to the teacher's shape (see :class:`FeatureAdapter`).
+        teacher_features: Teacher activations (detached).
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: If the shapes differ.
+
+    Example:
+        >>> round(feature_loss(torch.ones(2, 4), torch.zeros(2, 4)).item(), 4)
+        1.0
+    """
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(
+            f"feature shapes differ: student {tuple(student_features.shape)} vs teacher "
+            f"{tuple(teacher_features.shape)}. HINT: wrap the student features in a FeatureAdapter."
+        )
+    return F.mse_loss(student_features, teacher_features.detach())
+
+
+def agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Fraction of samples on which student and teacher predict the same class (top-1).
+
+    Example:
+        >>> agreement(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 0.0], [2.0, 0.0]])).item()
+        0.5
+    """
+    _check_logits(student_logits, teacher_logits)
+    return (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean()
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`.
+
+    Args:
+        temperature: Softmax temperature ``T > 0``.
+
+    Raises:
+        ValueError: If ``temperature <= 0``.
+
+    Example:
+        >>> loss = KDLoss(temperature=4.0)
+        >>> loss(torch.randn(8, 10), torch.randn(8, 10)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, self.temperature)
+
+
+class HintonLoss(nn.Module):
+    """Module form of :func:`hinton_loss`.
+
+    Args:
+        alpha: Weight of the soft term, in [0, 1].
+        temperature: Softmax temperature ``T > 0``.
+
+    Raises:
+        ValueError: If ``alpha`` is outside [0, 1] or ``temperature <= 0``.
+
+    Example:
+        >>> loss = HintonLoss(alpha=0.9, temperature=4.0)
+        >>> loss(torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))).shape
+        torch.Size([])
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        return hinton_loss(student_logits, teacher_logits, target, self.alpha, self.temperature)
+
+
+class FeatureAdapter(nn.Module):
+    """Learned map from a student feature shape to a teacher feature shape (FitNets "regressor").
+
+    * identical shapes: identity (no parameters);
+    * ``(N, C, H, W)`` features: a 1x1 convolution ``C_s -> C_t``, then adaptive average pooling when the teacher's
+      spatial size is smaller (bilinear interpolation when it is larger);
+    * ``(N, D)`` (or any other rank): a ``Linear`` over the last dimension (after flattening to ``(N, D)`` when the
+      ranks differ).
+
+    Args:
+        student_shape: Shape of one student feature sample, without the batch dimension.
+        teacher_shape: Shape of one teacher feature sample, without the batch dimension.
+
+    Example:
+        >>> adapter = FeatureAdapter((16, 8, 8), (32, 4, 4))
+        >>> adapter(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 4, 4])
+    """
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.student_shape = tuple(int(s) for s in student_shape)
+        self.teacher_shape = tuple(int(s) for s in teacher_shape)
+        self.proj: nn.Module
+        if self.student_shape == self.teacher_shape:
+            self.mode = "identity"
+            self.proj = nn.Identity()
+        elif len(self.student_shape) == 3 and len(self.teacher_shape) == 3:
+            self.mode = "conv"
+            self.proj = nn.Conv2d(self.student_shape[0], self.teacher_shape[0], kernel_size=1, bias=False)
+        else:
+            self.mode = "linear"
+            self.proj = nn.Linear(math.prod(self.student_shape), math.prod(self.teacher_shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "identity":
+            return x
+        if self.mode == "conv":
+            y = self.proj(x)
+            size = (self.teacher_shape[1], self.teacher_shape[2])
+            if tuple(y.shape[-2:]) != size:
+                if y.shape[-2] >= size[0] and y.shape[-1] >= size[1]:
+                    y = F.adaptive_avg_pool2d(y, size)
+                else:
+                    y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            return y
+        return self.proj(x.flatten(1)).view(x.shape[0], *self.teacher_shape)
+
+
+class FeatureDistillationLoss(nn.Module):
+    """FitNets-style loss over several named layer pairs, with one learned :class:`FeatureAdapter` per pair.
+
+    Args:
+        shapes: ``{pair_name: (student_shape, teacher_shape)}``, shapes without the batch dimension.
+
+    Example:
+        >>> loss = FeatureDistillationLoss({"block1": ((8, 4, 4), (16, 4, 4))})
+        >>> out = loss({"block1": torch.randn(2, 8, 4, 4)}, {"block1": torch.randn(2, 16, 4, 4)})
+        >>> out.shape
+        torch.Size([])
+    """
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+        super().__init__()
+        # ModuleDict keys may not contain dots: layer names do, so pairs are stored under sanitised keys.
+        self.keys = {name: f"pair{i}" for i, name in enumerate(shapes)}
+        self.adapters = nn.ModuleDict({self.keys[n]: FeatureAdapter(s, t) for n, (s, t) in shapes.items()})
+
+    def forward(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> Tensor:
+        losses = [
+            feature_loss(self.adapters[key](student_features[name]), teacher_features[name])
+            for name, key in self.keys.items()
+        ]
+        return torch.stack(losses).mean()

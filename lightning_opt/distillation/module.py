@@ -1,0 +1,616 @@
+"""``DistillationModule``: wraps the user's own LightningModule (the student) and adds a frozen teacher."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_opt.distillation._teacher import freeze, load_teacher
+from lightning_opt.distillation.losses import (
+    FeatureDistillationLoss,
+    agreement,
+    check_alpha,
+    check_temperature,
+    kd_loss,
+)
+from lightning_opt.schedules import Schedule
+
+__all__ = ["DistillationModule"]
+
+_SCHEDULE_PROBES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _check_value_or_schedule(value: float | Schedule, name: str) -> float | Schedule:
+    check = check_alpha if name == "alpha" else check_temperature
+    if isinstance(value, Schedule):
+        for frac in _SCHEDULE_PROBES:
+            v = value.value(round(frac * 1000), 1000)
+            check(v, name=f"{name} (a schedule, at {frac:.0%} of training)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number or a lightning_opt.schedules.Schedule, got {value!r}.")
+    return check(value, name=name)
+
+
+def _layer_names(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_modules() if n]
+
+
+def _check_layers(module: nn.Module, names: list[str], role: str) -> None:
+    valid = _layer_names(module)
+    for name in names:
+        if name not in valid:
+            shown = ", ".join(valid[:60]) + (f", ... ({len(valid)} in all)" if len(valid) > 60 else "")
+            raise ValueError(
+                f"`feature_layers` names {role} layer {name!r}, which does not exist in {type(module).__name__}. "
+                f"Valid names: {shown}."
+            )
+
+
+class DistillationModule(LightningModule):
+    """Trains a student LightningModule with soft targets (and optionally features) from a frozen teacher.
+
+    The student keeps its own ``configure_optimizers``, ``validation_step``, ``test_step``, ``predict_step`` and
+    metrics (``val/acc`` stays ``val/acc``), so checkpoint monitors, early stopping and pruning/QAT callbacks work
+    unchanged. Only the training loss changes:
+    ``loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y) + feature_weight * hint_loss``.
+
+    **How the teacher is stored.** The teacher is *not* a registered sub-module: it is absent from ``state_dict()``,
+    ``parameters()`` (so no optimizer state, no DDP gradient sync), ``named_modules()`` (so pruning and quantization
+    callbacks that walk the LightningModule act on the student only) and every checkpoint. It follows the module's
+    device and dtype (``.to()``/``.cuda()``) and stays in eval mode with ``requires_grad=False``. On resume or
+    ``load_from_checkpoint`` it is rebuilt from the arguments recorded in the hyperparameters (``teacher_checkpoint``
+    path, or the ``teacher`` config the CLI saved), so a checkpoint weighs what the student (plus feature adapters)
+    weighs.
+
+    **Student out alone.** :meth:`export_student` (or the :class:`~lightning_opt.distillation.StudentCheckpoint`
+    callback at the end of fit) writes a Lightning checkpoint of the student only, loadable with
+    ``StudentClass.load_from_checkpoint`` and, with the ``student.yaml`` the callback writes beside it, by
+    ``lightning-opt export``. A teacher passed as a Python object is not recorded: pass it again when rebuilding.
+
+    Batches are ``(x, y)`` or ``(x, y, index)``; the index (``return_index=True`` on the project's datamodules) is
+    needed only for ``cache_teacher_outputs``. The student's ``forward(x)`` must return logits ``(N, C)``.
+
+    Args:
+        student: The LightningModule to train (its ``forward`` returns logits).
+        teacher: A trained ``nn.Module``/LightningModule; with ``teacher_checkpoint`` its weights are loaded from there.
+        teacher_class: Dotted class path of a LightningModule rebuilt with ``load_from_checkpoint(teacher_checkpoint)``.
+        teacher_checkpoint: Path of the teacher's checkpoint. Alone, the class is read from the ``_class_path`` that
+            ``lightning-opt fit`` records in the checkpoint.
+        alpha: Weight of the soft loss in [0, 1] (1 - alpha goes to the hard-label cross-entropy), or a
+            :class:`~lightning_opt.schedules.Schedule` over training steps.
+        temperature: Softmax temperature > 0, or a schedule.
+        feature_layers: ``{student_layer_name: teacher_layer_name}`` pairs for FitNets hint losses; a learned
+            adapter (1x1 conv or linear) maps each student feature to its teacher's shape when they differ.
+        feature_weight: Weight of the mean hint loss (used only with ``feature_layers``), >= 0.
+        cache_teacher_outputs: Keep the teacher's logits per training sample index after the first epoch instead of
+            recomputing them. Valid only for a fixed, unaugmented training set whose batches carry indices.
+        log_teacher_metrics: Also run the teacher on validation/test batches to log ``val/teacher_acc`` and
+            ``val/agreement`` (teacher-student top-1 agreement).
+
+    Raises:
+        ValueError: If ``alpha`` is outside [0, 1], ``temperature <= 0`` (also for a schedule's values),
+            ``feature_weight < 0``, a ``feature_layers`` name does not exist (the message lists the valid names),
+            the teacher's and student's outputs differ in shape, or the teacher arguments are missing, ambiguous or
+            its checkpoint incompatible.
+        FileNotFoundError: If ``teacher_checkpoint`` does not exist.
+
+    Example:
+        >>> from lightning_opt.module import ImageClassifier
+        >>> teacher = ImageClassifier("small_cnn", backbone_kwargs={"channels": [16, 32]})
+        >>> student = ImageClassifier("mlp", backbone_kwargs={"hidden": [16]})
+        >>> model = DistillationModule(student=student, teacher=teacher, alpha=0.9, temperature=4.0)
+        >>> model(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+        >>> [n for n, _ in model.named_children()]  # the teacher is not a sub-module
+        ['student']
+    """
+
+    _teacher: nn.Module
+    student: LightningModule
+
+    def __init__(
+        self,
+        student: LightningModule,
+        teacher: nn.Module | None = None,
+        teacher_class: str | None = None,
+        teacher_checkpoint: str | None = None,
+        alpha: float | Schedule = 0.5,
+        temperature: float | Schedule = 4.0,
+        feature_layers: dict[str, str] | None = None,
+        feature_weight: float = 1.0,
+        cache_teacher_outputs: bool = False,
+        log_teacher_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, LightningModule):
+            raise ValueError(f"`student` must be a LightningModule, got {type(student).__name__}.")
+        given = _given_hyperparameters.get()
+        self.save_hyperparameters(ignore=["student", "teacher"])
+        # Built by LightningCLI: keep the student's/teacher's YAML config (not the module objects) so that
+        # `DistillationModule.load_from_checkpoint` and resume can rebuild them.
+        hparams: Any = self._hparams
+        hparams_initial: Any = self._hparams_initial
+        for key in ("student", "teacher"):
+            if isinstance(given, Mapping) and isinstance(given.get(key), Mapping):
+                hparams[key] = copy.deepcopy(given[key])
+                hparams_initial[key] = copy.deepcopy(given[key])
+        self.alpha = _check_value_or_schedule(alpha, "alpha")
+        self.temperature = _check_value_or_schedule(temperature, "temperature")
+        if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
+            raise ValueError(f"`feature_weight` must be a finite number >= 0, got {feature_weight!r}.")
+        self.feature_weight = float(feature_weight)
+        self.student = student
+        self._fix_student_hparams()
+        loaded = freeze(load_teacher(teacher, teacher_class, teacher_checkpoint))
+        # Deliberately not registered as a sub-module (see the class docstring).
+        object.__setattr__(self, "_teacher", loaded)
+        self.feature_layers: dict[str, str] = dict(feature_layers or {})
+        _check_layers(student, list(self.feature_layers), "student")
+        _check_layers(loaded, list(self.feature_layers.values()), "teacher")
+        self.cache_teacher_outputs = bool(cache_teacher_outputs)
+        self.log_teacher_metrics = bool(log_teacher_metrics)
+        self.feature_loss: FeatureDistillationLoss | None = None
+        self._probed = False
+        self._cache: Tensor | None = None
+        self._cached: Tensor | None = None
+        self._total_steps: float = math.inf
+        self.example_input_array = getattr(student, "example_input_array", None)
+        if self.example_input_array is not None:
+            self._probe(self.example_input_array)
+
+    def _fix_student_hparams(self) -> None:
+        """Give a student built from YAML its own hyperparameters.
+
+        LightningCLI records the *top-level* model config into every LightningModule it instantiates, the nested
+        student included, so the student's ``hparams`` would describe the DistillationModule and its checkpoints
+        would not load. Rebuild them from the student's own ``class_path``/``init_args`` the CLI recorded here.
+        """
+        cfg = self.hparams.get("student")
+        if not isinstance(cfg, Mapping) or "class_path" not in cfg:
+            return
+        hp: dict[str, Any] = {
+            "_class_path": cfg["class_path"],
+            **dict(cfg.get("init_args") or {}),
+            **dict(cfg.get("dict_kwargs") or {}),
+        }
+        if "_instantiator" in self.hparams:
+            hp["_instantiator"] = self.hparams["_instantiator"]
+        student: Any = self.student
+        student._hparams = AttributeDict(hp)
+        student._hparams_initial = copy.deepcopy(student._hparams)
+        student._hparams_name = "kwargs"
+
+    # ------------------------------------------------------------------ teacher plumbing
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not part of ``state_dict`` nor ``parameters``)."""
+        return self._teacher
+
+    @override
+    def _apply(self, fn: Any, recurse: bool = True) -> LightningModule:  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self._teacher._apply(fn)
+        if self._cache is not None:
+            self._cache = fn(self._cache)
+            self._cached = self._cached.to(self._cache.device) if self._cached is not None else None
+        return self
+
+    @override
+    def to(self, *args: Any, **kwargs: Any) -> DistillationModule:
+        out = super().to(*args, **kwargs)
+        if isinstance(self._teacher, LightningModule):  # keep the teacher's `.device` property right
+            self._teacher.to(*args, **kwargs)
+        return out  # type: ignore[return-value]
+
+    def _teacher_forward(self, x: Tensor) -> Tensor:
+        if self._teacher.training:
+            self._teacher.eval()
+        with torch.no_grad():
+            return self._teacher(x)
+
+    @contextlib.contextmanager
+    def _capture(self) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        s_feats: dict[str, Tensor] = {}
+        t_feats: dict[str, Tensor] = {}
+        if not self.feature_layers:  # the common case: no hooks, no module walk on the hot path
+            yield s_feats, t_feats
+            return
+        handles = []
+        s_mods, t_mods = dict(self.student.named_modules()), dict(self._teacher.named_modules())
+        for s_name, t_name in self.feature_layers.items():
+
+            def s_hook(_m: nn.Module, _i: Any, out: Any, key: str = s_name) -> None:
+                s_feats[key] = out
+
+            def t_hook(_m: nn.Module, _i: Any, out: Any, key: str = s_name) -> None:
+                t_feats[key] = out
+
+            handles.append(s_mods[s_name].register_forward_hook(s_hook))
+            handles.append(t_mods[t_name].register_forward_hook(t_hook))
+        try:
+            yield s_feats, t_feats
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _probe(self, x: Tensor) -> None:
+        """Dry forward of both models on ``x`` (eval mode, no grad): checks shapes, builds feature adapters."""
+        if self._probed:
+            return
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad(), self._capture() as (s_feats, t_feats):
+                s_out = self.student(x)
+                t_out = self._teacher_forward(x)
+        finally:
+            self.student.train(was_training)
+        if not isinstance(s_out, Tensor) or not isinstance(t_out, Tensor):
+            raise ValueError(
+                f"student and teacher must return a logits tensor from forward(x), got {type(s_out).__name__} and "
+                f"{type(t_out).__name__}."
+            )
+        if s_out.shape != t_out.shape:
+            raise ValueError(
+                f"teacher and student outputs differ in shape: student {tuple(s_out.shape)}, teacher "
+                f"{tuple(t_out.shape)}. HINT: both must predict the same classes (check `num_classes`)."
+            )
+        if self.feature_layers:
+            shapes = {}
+            for name in self.feature_layers:
+                s, t = s_feats[name], t_feats[name]
+                if not isinstance(s, Tensor) or not isinstance(t, Tensor):
+                    raise ValueError(f"`feature_layers` pair {name!r} must output tensors in both models.")
+                shapes[name] = (tuple(s.shape[1:]), tuple(t.shape[1:]))
+            self.feature_loss = FeatureDistillationLoss(shapes).to(s_out.device)
+        self._probed = True
+
+    # ------------------------------------------------------------------ schedules
+    def current_alpha(self) -> float:
+        """Alpha at the trainer's current global step (the constant itself when not scheduled)."""
+        return self._scheduled(self.alpha, "alpha")
+
+    def current_temperature(self) -> float:
+        """Temperature at the trainer's current global step (the constant itself when not scheduled)."""
+        return self._scheduled(self.temperature, "temperature")
+
+    def _scheduled(self, value: float | Schedule, name: str) -> float:
+        if not isinstance(value, Schedule):
+            return float(value)
+        total = self._total_steps if math.isfinite(self._total_steps) else max(self.trainer.global_step, 1)
+        v = value.value(self.trainer.global_step, int(total))
+        return check_alpha(v, name) if name == "alpha" else check_temperature(v, name)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.student(x, *args, **kwargs)
+
+    @override
+    def setup(self, stage: str) -> None:
+        if not self._probed:  # no example_input_array: check shapes (and size adapters) on one training batch
+            x = self._example_batch_input()
+            if x is not None:
+                self._probe(x)
+            elif self.feature_layers:
+                raise ValueError(
+                    "`feature_layers` needs one input to size the adapters before training: set "
+                    "`student.example_input_array` or fit with a datamodule."
+                )
+        if stage == "fit" and self.cache_teacher_outputs:
+            dm = getattr(self.trainer, "datamodule", None)
+            if getattr(dm, "return_index", None) is False:
+                raise ValueError(
+                    "`cache_teacher_outputs`=True keys the cache by sample index, but the datamodule has "
+                    "return_index=False. HINT: set `return_index: true` in the datamodule's init_args."
+                )
+            shift = getattr(dm, "augment_shift", 0)
+            if shift:
+                raise ValueError(
+                    f"`cache_teacher_outputs`=True needs a fixed, unaugmented training set, but the datamodule has "
+                    f"augment_shift={shift}. HINT: set augment_shift=0 or turn the cache off."
+                )
+
+    def _example_batch_input(self) -> Tensor | None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return None
+        with contextlib.suppress(Exception):
+            batch = next(iter(dm.train_dataloader()))
+            return self._unpack(batch)[0][:2]
+        return None
+
+    @override
+    def on_fit_start(self) -> None:
+        self._total_steps = float(self.trainer.estimated_stepping_batches)
+        self._teacher.to(self.device)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        config = self.student.configure_optimizers()
+        if self.feature_loss is not None and any(True for _ in self.feature_loss.parameters()):
+            _add_adapter_params(config, list(self.feature_loss.parameters()))
+        return config
+
+    @override
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        self.student.lr_scheduler_step(scheduler, metric)
+
+    @override
+    def configure_callbacks(self) -> Any:
+        return self.student.configure_callbacks()
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if isinstance(batch, Mapping):
+            return batch["x"] if "x" in batch else batch["input"], batch.get("y"), batch.get("index")
+        if isinstance(batch, (list, tuple)):
+            x = batch[0]
+            y = batch[1] if len(batch) > 1 else None
+            idx = batch[2] if len(batch) > 2 else None
+            return x, y, idx
+        return batch, None, None
+
+    def _teacher_logits_cached(self, x: Tensor, idx: Tensor | None) -> Tensor:
+        if not self.cache_teacher_outputs:
+            return self._teacher_forward(x)
+        if idx is None:
+            raise ValueError(
+                "`cache_teacher_outputs`=True needs batches (x, y, index). HINT: set `return_index: true` on the "
+                "datamodule (DigitsDataModule, MNIST5kDataModule, ...) or yield the sample index third."
+            )
+        idx = idx.to(x.device).long()
+        needed = int(idx.max()) + 1
+        if self._cache is not None and self._cached is not None and needed <= self._cache.shape[0]:
+            hit = self._cached[idx]
+            if bool(hit.all()):
+                return self._cache[idx]
+        out = self._teacher_forward(x)
+        if self._cache is None or self._cached is None:
+            self._cache = out.new_zeros((needed, *out.shape[1:]))
+            self._cached = torch.zeros(needed, dtype=torch.bool, device=out.device)
+        elif needed > self._cache.shape[0]:
+            grow = needed - self._cache.shape[0]
+            self._cache = torch.cat([self._cache, out.new_zeros((grow, *out.shape[1:]))])
+            self._cached = torch.cat([self._cached, torch.zeros(grow, dtype=torch.bool, device=out.device)])
+        self._cache[idx] = out.detach()
+        self._cached[idx] = True
+        return out
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, idx = self._unpack(batch)
+        if y is None:
+            raise ValueError("DistillationModule needs labelled batches (x, y) or (x, y, index) for the hard loss.")
+        alpha, temperature = self.current_alpha(), self.current_temperature()
+        use_cache = self.cache_teacher_outputs and not self.feature_layers
+        with self._capture() as (s_feats, t_feats):
+            s_logits = self.student(x)
+            t_logits = self._teacher_logits_cached(x, idx) if use_cache else self._teacher_forward(x)
+        if s_logits.shape != t_logits.shape:
+            raise ValueError(
+                f"teacher and student outputs differ in shape: student {tuple(s_logits.shape)}, teacher "
+                f"{tuple(t_logits.shape)}. HINT: both must predict the same classes."
+            )
+        hard = F.cross_entropy(s_logits, y)
+        soft = kd_loss(s_logits, t_logits, temperature)
+        loss = alpha * soft + (1.0 - alpha) * hard
+        n = x.shape[0]
+        log = {"train/hard_loss": hard.detach(), "train/soft_loss": soft.detach()}
+        if self.feature_loss is not None:
+            feat = self.feature_loss(s_feats, t_feats)
+            loss = loss + self.feature_weight * feat
+            log["train/feature_loss"] = feat.detach()
+        with torch.no_grad():
+            log["train/acc"] = (s_logits.argmax(1) == y).float().mean()
+            log["train/teacher_acc"] = (t_logits.argmax(1) == y).float().mean()
+            log["train/agreement"] = agreement(s_logits, t_logits)
+        if isinstance(self.alpha, Schedule):
+            log["train/alpha"] = torch.tensor(alpha)
+        if isinstance(self.temperature, Schedule):
+            log["train/temperature"] = torch.tensor(temperature)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+        self.log_dict(log, batch_size=n)
+        return loss
+
+    def _delegate(self, hook: str, *args: Any) -> Any:
+        self.student._current_fx_name = self._current_fx_name
+        try:
+            return getattr(self.student, hook)(*args)
+        finally:
+            self.student._current_fx_name = None
+
+    def _log_teacher(self, batch: Any, prefix: str) -> None:
+        if not self.log_teacher_metrics:
+            return
+        x, y, _ = self._unpack(batch)
+        if not isinstance(x, Tensor):
+            return
+        with torch.no_grad():
+            s_logits = self.student(x)
+            t_logits = self._teacher_forward(x)
+        if s_logits.shape != t_logits.shape or s_logits.ndim != 2:
+            return
+        logs = {f"{prefix}/agreement": agreement(s_logits, t_logits)}
+        if y is not None:
+            logs[f"{prefix}/teacher_acc"] = (t_logits.argmax(1) == y).float().mean()
+        self.log_dict(logs, batch_size=x.shape[0])
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
+        out = self._delegate("validation_step", batch, batch_idx, *args)
+        self._log_teacher(batch, "val")
+        return out
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
+        out = self._delegate("test_step", batch, batch_idx, *args)
+        self._log_teacher(batch, "test")
+        return out
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
+        return self._delegate("predict_step", batch, batch_idx, *args)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._delegate("on_validation_epoch_start")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._delegate("on_validation_epoch_end")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._delegate("on_test_epoch_start")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._delegate("on_test_epoch_end")
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # `DistillationModule.load_from_checkpoint` of a QAT run: rebuild the student's fake-quant structure first.
+        if _quantization_key() is not None and checkpoint.get(_quantization_key() or ""):
+            from lightning_opt.quantization import restore_quantized_structure
+
+            restore_quantized_structure(self, checkpoint)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["distillation"] = {
+            "student_class": f"{type(self.student).__module__}.{type(self.student).__qualname__}",
+            "student_hyper_parameters": dict(self.student.hparams),
+            "teacher_checkpoint": self.hparams.get("teacher_checkpoint"),
+        }
+
+    def student_checkpoint(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Return a Lightning checkpoint dict of the student alone.
+
+        Args:
+            checkpoint: A full checkpoint of this module (its ``callbacks`` state, epoch and step are kept, so the
+                pruning/QAT callbacks' records travel with the student); ``None`` builds a minimal one.
+
+        Returns:
+            ``{"state_dict": student weights, "hyper_parameters": student hparams, ...}`` without teacher, adapters,
+            optimizer or loop states: ``StudentClass.load_from_checkpoint`` loads it.
+        """
+        out: dict[str, Any] = {}
+        if checkpoint is not None:
+            out.update({k: v for k, v in checkpoint.items() if k in ("epoch", "global_step", "callbacks")})
+        quant = _quantization_key()
+        if checkpoint is not None and quant is not None and checkpoint.get(quant):
+            # QAT records name the quantized submodule from the DistillationModule ("student.backbone"): re-root them
+            # at the student ("backbone") so that export and the student's own loading find it.
+            specs = []
+            for spec in checkpoint[quant].get("specs", []):
+                module = str(spec.get("module", ""))
+                if module == "student" or module.startswith("student."):
+                    specs.append({**spec, "module": module[len("student.") :] if module != "student" else ""})
+            if specs:
+                out[quant] = {**checkpoint[quant], "specs": specs}
+        out["pytorch-lightning_version"] = lightning.__version__
+        out["state_dict"] = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+        hp = dict(self.student.hparams)
+        out[LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = hp
+        name = getattr(self.student, "_hparams_name", None)
+        if name:
+            out[LightningModule.CHECKPOINT_HYPER_PARAMS_NAME] = name
+        self.student.on_save_checkpoint(out)
+        out.pop("distillation", None)
+        return out
+
+    def export_student(self, path: str) -> str:
+        """Write the student alone as a Lightning checkpoint at ``path`` (rank zero writes) and return the path.
+
+        Example:
+            >>> import os, tempfile
+            >>> from lightning_opt.module import ImageClassifier
+            >>> student = ImageClassifier("mlp", backbone_kwargs={"hidden": [16]})
+            >>> model = DistillationModule(student=student, teacher=ImageClassifier("small_cnn"))
+            >>> path = model.export_student(os.path.join(tempfile.mkdtemp(), "student.ckpt"))
+            >>> type(ImageClassifier.load_from_checkpoint(path).backbone).__name__
+            'MLP'
+        """
+        full = None
+        trainer = self._trainer
+        if trainer is not None:
+            full = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        ckpt = self.student_checkpoint(full)
+        if trainer is not None:
+            trainer.strategy.save_checkpoint(ckpt, path)
+            trainer.strategy.barrier("export_student")
+        else:
+            import os
+
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch.save(ckpt, path)
+        return path
+
+
+def _quantization_key() -> str | None:
+    """The checkpoint key of the QAT records, when lightning_opt.quantization is available."""
+    try:
+        from lightning_opt.quantization._callback import CHECKPOINT_KEY
+    except ImportError:
+        return None
+    return CHECKPOINT_KEY
+
+
+def _add_adapter_params(config: Any, params: list[nn.Parameter]) -> None:
+    """Add the feature adapters' parameters to the student's first optimizer (and keep its schedulers in step)."""
+    optimizers, schedulers = _split_optim_config(config)
+    if not optimizers:
+        raise ValueError(
+            "the student's configure_optimizers returned no optimizer, so the feature adapters cannot be trained."
+        )
+    opt = optimizers[0]
+    n_before = len(opt.param_groups)
+    opt.add_param_group({"params": params})
+    group = opt.param_groups[-1]
+    group.setdefault("initial_lr", group["lr"])
+    for sched in schedulers:
+        if getattr(sched, "optimizer", None) is not opt:
+            continue
+        for attr in ("base_lrs", "min_lrs", "lr_lambdas", "max_lrs", "_last_lr"):
+            values = getattr(sched, attr, None)
+            if isinstance(values, list) and len(values) == n_before:
+                values.append(values[-1] if attr != "base_lrs" else group["initial_lr"])
+
+
+def _split_optim_config(config: Any) -> tuple[list[Any], list[Any]]:
+    optimizers: list[Any] = []
+    schedulers: list[Any] = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, torch.optim.Optimizer):
+            optimizers.append(item)
+        elif isinstance(item, Mapping):
+            if "optimizer" in item:
+                visit(item["optimizer"])
+            if "lr_scheduler" in item:
+                visit(item["lr_scheduler"])
+            if "scheduler" in item:
+                schedulers.append(item["scheduler"])
+        elif isinstance(item, (list, tuple)):
+            for i in item:
+                visit(i)
+        elif hasattr(item, "step") and hasattr(item, "optimizer"):
+            schedulers.append(item)
+
+    visit(config)
+    return optimizers, schedulers

@@ -1,0 +1,232 @@
+"""``lightning-opt export``: checkpoint + recipe -> a deployable artifact (int8 ``.pt2`` or ONNX), measured.
+
+The recipe rebuilds the model and data exactly as training did; the checkpoint's weights are loaded (a QAT
+checkpoint gets its fake-quant structure rebuilt first). Then:
+
+- ``--format pt2 --quantize int8``: a QAT checkpoint is converted as trained; an fp32 one is quantized post-training
+  with ``--calibration_batches`` training batches (``--method`` forces one or the other). Saved with
+  ``torch.export.save``; run with :class:`lightning_opt.quantization.CompiledInference` (inductor int8 kernels).
+- ``--format pt2 --quantize none``: the fp32 model as ``.pt2``.
+- ``--format onnx``: the fp32 model through ``torch.onnx.export(dynamo=True)``; with ``--quantize int8`` then
+  onnxruntime ``quant_pre_process`` + ``quantize_static`` (QDQ, per channel), calibrated on training batches.
+
+The artifact is loaded back from disk, evaluated on the test set and timed beside the fp32 eager model
+(interleaved, same threads); the figures are printed and written next to it as ``<artifact>.json``.
+
+Example:
+    lightning-opt export --config recipes/quantization/qat_digits.yaml --ckpt_path runs/.../last.ckpt \\
+        --format pt2 --quantize int8 --output artifacts/digits_int8.pt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lightning_opt.quantization import _artifact, _callback, _onnx, _pt2e
+
+__all__ = ["export_checkpoint", "main"]
+
+FORMATS = ("pt2", "onnx")
+QUANTIZE = ("int8", "none")
+METHODS = ("auto", "qat", "ptq")
+
+
+def _validate(fmt: str, quantize: str, method: str, calibration_batches: int, ckpt_path: str | None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"`format` must be one of {list(FORMATS)}, got {fmt!r}.")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"`quantize` must be one of {list(QUANTIZE)}, got {quantize!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
+    if calibration_batches < 1:
+        raise ValueError(f"`calibration_batches` must be >= 1, got {calibration_batches}.")
+    if ckpt_path is not None and not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"`ckpt_path` {ckpt_path!r} does not exist.")
+
+
+def _load_checkpoint(model: nn.Module, ckpt_path: str) -> list[_pt2e.QuantSpec]:
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    specs = _callback._spec_from_checkpoint(checkpoint)
+    for spec in specs:
+        if not _pt2e.is_prepared(_pt2e.get_submodule(model, spec.module)):
+            _callback._prepare_at(model, spec)
+    model.load_state_dict(checkpoint["state_dict"])
+    return specs
+
+
+def export_checkpoint(
+    config: Sequence[str] | dict[str, Any],
+    ckpt_path: str | None = None,
+    format: str = "pt2",
+    quantize: str = "int8",
+    method: str = "auto",
+    module: str | None = None,
+    calibration_batches: int = 10,
+    output: str | None = None,
+    evaluate: bool = True,
+    compile: bool = True,
+    latency: bool = True,
+    num_threads: int = 1,
+    batch_size: int = 1,
+) -> dict[str, Any]:
+    """Build the recipe, load the checkpoint, write the artifact, measure it; returns the figures.
+
+    Args:
+        config: recipe arguments for :func:`lightning_opt.cli.build_from_config` (``["--config", "r.yaml", ...]``).
+        ckpt_path: the Lightning checkpoint; None exports the freshly initialised model (for smoke tests).
+        format: ``"pt2"`` or ``"onnx"``.
+        quantize: ``"int8"`` or ``"none"``.
+        method: ``"auto"`` (QAT state if the checkpoint has it, else PTQ), ``"qat"`` or ``"ptq"``.
+        module: attribute path quantized by PTQ (default ``backbone`` if present).
+        calibration_batches: training batches for PTQ / ONNX static calibration.
+        output: artifact path; default next to the checkpoint (or in the working directory).
+        evaluate: accuracy on the datamodule's test set.
+        compile: run the ``.pt2`` through inductor (int8 kernels) when evaluating and timing.
+        latency: time the artifact beside the fp32 eager model.
+        num_threads: threads while timing.
+        batch_size: rows of the timed input.
+
+    Raises:
+        ValueError: for an unknown format/quantize/method, ``method="qat"`` on a checkpoint without QAT state.
+        FileNotFoundError: when ``ckpt_path`` does not exist.
+    """
+    from lightning_opt.cli import build_from_config
+
+    _validate(format, quantize, method, calibration_batches, ckpt_path)
+    cli = build_from_config(config)
+    model: Any = cli.model
+    datamodule = cli.datamodule
+    specs = _load_checkpoint(model, ckpt_path) if ckpt_path else []
+    model.eval()
+    if datamodule is not None:
+        datamodule.setup("fit")
+
+    example = model.example_input_array
+    if not isinstance(example, torch.Tensor):
+        example = _artifact.first_input(next(iter(datamodule.train_dataloader())))[:1]
+    path = module if module is not None else (specs[0].module if specs else _pt2e.default_module_path(model))
+    current = _pt2e.get_submodule(model, path)
+    qat_graph = current if _pt2e.is_prepared(current) else None
+    if method == "qat" and qat_graph is None:
+        raise ValueError(
+            f"`method='qat'` needs a checkpoint saved during quantization-aware training; {ckpt_path!r} has no "
+            "fake-quant state. HINT: use `--method ptq` (or auto) to calibrate the fp32 weights."
+        )
+    eager = _artifact.eager_of(qat_graph) if qat_graph is not None else current
+    if eager is None:  # pragma: no cover - a prepared graph always records its eager module in this process
+        raise RuntimeError("The fp32 module behind the QAT graph is unknown.")
+
+    suffix = "int8" if quantize == "int8" else "fp32"
+    if output is None:
+        stem = Path(ckpt_path).with_suffix("") if ckpt_path else Path("model")
+        output = f"{stem}.{suffix}.{format}"
+    if not str(output).endswith(f".{format}"):
+        raise ValueError(f"`output` must end with '.{format}' for format {format!r}, got {output!r}.")
+    test_batches = None
+    if evaluate and datamodule is not None:
+        datamodule.setup("test")
+        test_batches = datamodule.test_dataloader()
+
+    figures: dict[str, Any] = {"format": format, "quantize": quantize, "checkpoint": ckpt_path}
+    with _artifact.swapped(model, path, eager) as fp32_model:
+        fp32_model.eval()
+        if format == "pt2":
+            if quantize == "int8":
+                use_qat = qat_graph is not None and method != "ptq"
+                if use_qat:
+                    graph = cast(torch.fx.GraphModule, qat_graph)
+                else:
+                    spec = _pt2e.QuantSpec(module=path, input_shape=[1, *example.shape[1:]], mode="ptq")
+                    graph = _callback.calibrate(eager, spec, datamodule.train_dataloader(), calibration_batches)
+                figures["method"] = "qat" if use_qat else "ptq"
+                converted = _pt2e.convert(graph)
+                with _artifact.swapped(model, path, converted) as int8_model:
+                    artifact, size = _artifact.save_and_reload(int8_model, example, output)
+                runner_compile = compile
+            else:
+                artifact, size = _artifact.save_and_reload(fp32_model, example, output)
+                runner_compile = compile
+            figures.update(
+                _artifact.measure_artifact(
+                    artifact,
+                    fp32_model,
+                    example,
+                    test_batches,
+                    compile=runner_compile,
+                    latency=latency,
+                    num_threads=num_threads,
+                    batch_size=batch_size,
+                )
+            )
+        else:
+            fp32_path = output if quantize == "none" else str(Path(output).with_suffix("")) + ".fp32.onnx"
+            size = _onnx.export_onnx(fp32_model, example, fp32_path)
+            if quantize == "int8":
+                size = _onnx.quantize_onnx(fp32_path, output, datamodule.train_dataloader(), calibration_batches)
+                figures["method"] = "onnxruntime_static_qdq"
+            session = _onnx.OnnxRuntimeModel(output, num_threads=num_threads)
+            figures.update(
+                _artifact.measure_artifact(
+                    session,
+                    fp32_model,
+                    example,
+                    test_batches,
+                    compile=False,
+                    latency=latency,
+                    num_threads=num_threads,
+                    batch_size=batch_size,
+                )
+            )
+    figures["size_bytes"] = size
+    figures["artifact"] = os.path.abspath(output)
+    Path(output).with_suffix(Path(output).suffix + ".json").write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def main(argv: list[str]) -> None:
+    """Command-line entry (``lightning-opt export ...``); unknown ``--key=value`` arguments go to the recipe."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-opt export",
+        description="Turn a checkpoint into an int8 .pt2 or ONNX artifact and measure it (accuracy, latency, bytes).",
+    )
+    parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable)")
+    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to export")
+    parser.add_argument("--format", default="pt2", choices=FORMATS)
+    parser.add_argument("--quantize", default="int8", choices=QUANTIZE)
+    parser.add_argument("--method", default="auto", choices=METHODS, help="int8 .pt2: QAT state or PTQ")
+    parser.add_argument("--module", default=None, help="attribute path to quantize (PTQ); default backbone")
+    parser.add_argument("--calibration_batches", type=int, default=10)
+    parser.add_argument("--output", default=None, help="artifact path (.pt2 / .onnx)")
+    parser.add_argument("--no_evaluate", action="store_true", help="skip the test-set accuracy")
+    parser.add_argument("--no_compile", action="store_true", help="run the .pt2 eagerly (reference int8 ops)")
+    parser.add_argument("--no_latency", action="store_true", help="skip timing")
+    parser.add_argument("--num_threads", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=1, help="rows of the timed input")
+    args, rest = parser.parse_known_args(argv)
+    config: list[str] = []
+    for path in args.config:
+        config += ["--config", path]
+    figures = export_checkpoint(
+        config + rest,
+        ckpt_path=args.ckpt_path,
+        format=args.format,
+        quantize=args.quantize,
+        method=args.method,
+        module=args.module,
+        calibration_batches=args.calibration_batches,
+        output=args.output,
+        evaluate=not args.no_evaluate,
+        compile=not args.no_compile,
+        latency=not args.no_latency,
+        num_threads=args.num_threads,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps(figures, indent=2))

@@ -1,0 +1,51 @@
+"""Int8 quantization for Lightning on torchao's pt2e flow (x86 inductor): QAT, PTQ, artifacts, ONNX Runtime.
+
+Public API:
+
+- :class:`QuantizationAwareTraining`: the QAT callback (fake quantization, fit-end int8 ``.pt2`` artifact).
+- :class:`PostTrainingQuantization`: static PTQ with calibration batches at fit end.
+- :func:`restore_quantized_structure`: rebuild the fake-quant structure from a checkpoint (``on_load_checkpoint``).
+- :func:`prepare`, :func:`calibrate`, :func:`convert`, :func:`save_artifact`, :func:`load_artifact`,
+  :class:`CompiledInference`: the pt2e steps as plain functions.
+- :func:`export_onnx`, :func:`quantize_onnx`, :class:`OnnxRuntimeModel`: the ONNX Runtime route.
+"""
+
+from lightning_opt.quantization._callback import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    calibrate,
+    restore_quantized_structure,
+)
+from lightning_opt.quantization._onnx import OnnxRuntimeModel, export_onnx, quantize_onnx
+from lightning_opt.quantization._pt2e import (
+    CompiledInference,
+    QuantizationExportError,
+    QuantSpec,
+    convert,
+    layer_sqnr,
+    load_artifact,
+    prepare,
+    quant_ranges,
+    save_artifact,
+    sqnr_db,
+)
+
+__all__ = [
+    "CompiledInference",
+    "OnnxRuntimeModel",
+    "PostTrainingQuantization",
+    "QuantSpec",
+    "QuantizationAwareTraining",
+    "QuantizationExportError",
+    "calibrate",
+    "convert",
+    "export_onnx",
+    "layer_sqnr",
+    "load_artifact",
+    "prepare",
+    "quant_ranges",
+    "quantize_onnx",
+    "restore_quantized_structure",
+    "save_artifact",
+    "sqnr_db",
+]
