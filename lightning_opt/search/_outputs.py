@@ -44,7 +44,7 @@ def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[Froze
 
     Example:
         >>> import optuna
-        >>> ts = [optuna.trial.create_trial(values=v) for v in ([1.0, 1.0], [2.0, 2.0], [0.5, 0.5])]
+        >>> ts = [optuna.trial.create_trial(values=v) for v in ([1.0, 1.0], [1.0, 2.0], [0.5, 0.5])]
         >>> [t.values for t in pareto_front(ts, ["maximize", "minimize"])]
         [[1.0, 1.0], [0.5, 0.5]]
     """
