@@ -26,6 +26,7 @@ __all__ = ["EXTRA_COMMANDS", "LightningOptCLI", "build_from_config", "main"]
 EXTRA_COMMANDS: dict[str, str] = {
     "report": "lightning_opt.reporting._cli:main",
     "export": "lightning_opt.export:main",
+    "search": "lightning_opt.search._cli:main",
 }
 
 #: Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``.

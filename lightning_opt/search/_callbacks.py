@@ -1,0 +1,87 @@
+"""The callback that connects a Lightning fit to its optuna trial."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+__all__ = ["NonFiniteLossError", "TrialCallback"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the trial is failed with this reason."""
+
+
+class TrialCallback(Callback):
+    """Reports the monitored metric to an optuna trial after each validation and stops a hopeless trial.
+
+    After every validation (sanity check excluded) the value of ``monitor`` is reported to the trial, at step
+    0, 1, 2, ... (the count of validations so far: with the default ``val_check_interval`` the epoch), so that trials
+    whose optimizer steps differ (a searched batch size) are compared at the same point of training; when the
+    study's trial pruner says so, :class:`optuna.TrialPruned` is raised, which ends the fit and marks the trial
+    pruned. A NaN or infinite training loss raises :class:`NonFiniteLossError`.
+
+    It is added by the search loop to each trial's Trainer; it holds no state worth resuming (a trial is not resumed,
+    a dead worker's trial is re-run from scratch).
+
+    Args:
+        trial: The optuna trial of this fit.
+        monitor: The logged metric to report, or ``None`` to only watch the loss (multi-objective studies).
+
+    Raises:
+        ValueError: If ``monitor`` is set on a multi-objective trial (optuna cannot prune those).
+
+    Example:
+        >>> import optuna
+        >>> study = optuna.create_study(direction="maximize")
+        >>> cb = TrialCallback(study.ask(), monitor="val/acc")
+        >>> cb.monitor
+        'val/acc'
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str | None = None) -> None:
+        if monitor is not None and len(trial.study.directions) > 1:
+            raise ValueError(
+                f"`monitor` must be None for a multi-objective study, got {monitor!r}: optuna cannot prune trials"
+                " with several objectives."
+            )
+        self.trial = trial
+        self.monitor = monitor
+        self.reported: dict[int, float] = {}
+        self._last_global_step = -1
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(f"training loss is {loss.item()} at step {trainer.global_step}")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor is None:
+            return
+        logged = trainer.callback_metrics.get(self.monitor)
+        if logged is None:
+            available = sorted(trainer.callback_metrics)
+            raise KeyError(f"objective `{self.monitor}` is not logged; logged metrics: {available}")
+        value = float(logged)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"`{self.monitor}` is {value} at step {trainer.global_step}")
+        if trainer.global_step == self._last_global_step:  # validated again without training in between
+            return
+        self._last_global_step = trainer.global_step
+        step = len(self.reported)
+        self.reported[step] = value
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(
+                f"pruned after validation {step} (global step {trainer.global_step}) with {self.monitor}={value:.6g}"
+            )
