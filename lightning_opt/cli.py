@@ -12,6 +12,7 @@ import importlib
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -152,7 +153,9 @@ def build_from_config(args: Sequence[str] | dict[str, Any], **kwargs: Any) -> Li
         >>> type(cli.model).__name__
         'ImageClassifier'
     """
-    return LightningOptCLI(args=args if isinstance(args, dict) else list(args), run=False, **kwargs)
+    with warnings.catch_warnings():  # the args are ours, not a mix-up with sys.argv (subcommands pass them)
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        return LightningOptCLI(args=args if isinstance(args, dict) else list(args), run=False, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         function = getattr(importlib.import_module(module_name), function_name)
         function(args[1:])
         return 0
-    LightningOptCLI(args=None if argv is None else args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+        LightningOptCLI(args=None if argv is None else args)
     return 0
 
 
