@@ -336,7 +336,7 @@ class TabularDataModule(_InMemoryDataModule):
         }
 
 
-class TorchvisionDataModule(pl.LightningDataModule):
+class TorchvisionDataModule(_InMemoryDataModule):
     """A torchvision dataset read from a local root; a part of its training set is held out for validation.
 
     Args:
@@ -367,20 +367,15 @@ class TorchvisionDataModule(pl.LightningDataModule):
         augment_shift: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, augment_shift, False, num_workers)  # shares the split loaders
         if dataset not in self._SHAPES:
             raise ValueError(f"`dataset` must be one of {sorted(self._SHAPES)}, got {dataset!r}.")
         self.dataset = dataset
         self.root = root
         self.download = download
-        self.batch_size = batch_size
         self.val_size = val_size
-        self.seed = seed
-        self.augment_shift = augment_shift
-        self.num_workers = num_workers
         self.input_shape = self._SHAPES[dataset]
         self.num_classes = 10
-        self._splits: dict[str, Dataset] = {}
         if not download:
             self._make(train=False)  # fails now, before any training, when the files are absent
 
@@ -413,19 +408,3 @@ class TorchvisionDataModule(pl.LightningDataModule):
             generator=generator,
         )
         self._splits = {"train": train, "val": val, "test": self._make(train=False)}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        dataset = self._splits[split]
-        if shuffle and self.augment_shift > 0:
-            dataset = ShiftAugmented(dataset, self.augment_shift)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -129,3 +129,30 @@ def test_labeled_size_above_the_digits_train_split_fails_at_setup():
     dm = DigitsDataModule(labeled_size=5000)
     with pytest.raises(ValueError, match=r"`labeled_size` must be <= the number of training images \(\d+\), got 5000"):
         dm.setup()
+
+
+def _write_idx(path, array) -> None:
+    import struct
+
+    import numpy as np
+
+    data = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, data.ndim) + struct.pack(f">{data.ndim}I", *data.shape)
+    path.write_bytes(header + data.tobytes())
+
+
+def test_torchvision_datamodule_reads_a_local_root(tmp_path):
+    """MNIST files in the standard layout under `root` (tiny ones here) are split, shifted and batched."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 30), ("t10k", 12)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", torch.randint(0, 256, (n, 28, 28), generator=gen).numpy())
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", (torch.arange(n) % 10).numpy())
+    dm = TorchvisionDataModule("MNIST", root=str(tmp_path), batch_size=8, val_size=10, augment_shift=2)
+    dm.setup()
+    assert [len(dm._splits[s]) for s in ("train", "val", "test")] == [20, 10, 12]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 28, 28)
+    assert y.dtype == torch.long
+    assert len(dm.test_dataloader().dataset) == 12
