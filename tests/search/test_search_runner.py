@@ -45,10 +45,15 @@ def test_search_end_to_end_outputs_and_best_yaml_reproduces(make_recipe, tmp_pat
     for t in trials:
         tdir = run / "trials" / f"trial_{t.number:04d}"
         assert list(tdir.glob("events.out.tfevents.*")), tdir
-        cfg = yaml.safe_load((tdir / "config.yaml").read_text())
+        text = (tdir / "config.yaml").read_text()
+        assert text.startswith(f"# Trial {t.number} of study"), "config.yaml must stay the trial's recipe"
+        cfg = yaml.safe_load(text)
         assert cfg["model"]["init_args"]["backbone_kwargs"]["channels"] == yaml.safe_load(
             t.params["model.init_args.backbone_kwargs.channels"]
         )
+        assert "enable_checkpointing" not in cfg["trainer"]  # the recipe as searched; best*.yaml keeps checkpoints
+        assert yaml.safe_load((tdir / "run.yaml").read_text())["trainer"]["enable_checkpointing"] is False
+        assert not list(tdir.rglob("*.ckpt")), "a trial writes no checkpoint nobody reads"
     rows = read_csv(run / "trials.csv")
     assert len(rows) == 3
     assert {r["state"] for r in rows} == {"COMPLETE"}
@@ -240,3 +245,19 @@ def test_unlogged_objective_stops_the_search(make_recipe) -> None:
     recipe = make_recipe(search={"objectives": ["val/accuracy"], "n_trials": 3})
     with pytest.raises(ValueError, match=r"objective `val/accuracy` is not logged.*did you mean `val/acc`"):
         run_search(recipe, console=quiet())
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [
+        {"trainer.enable_checkpointing": True},
+        {"trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}]},
+    ],
+    ids=["enable_checkpointing", "ModelCheckpoint"],
+)
+def test_trial_keeps_checkpointing_the_recipe_asks_for(make_recipe, edits) -> None:
+    space = {"model.init_args.optimizer.init_args.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}
+    result = run_search(make_recipe(search={"space": space, "n_trials": 1}, **edits), console=quiet())
+    trial = result.study.get_trials()[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert list(Path(trial.user_attrs["trial_dir"]).rglob("*.ckpt")), edits
