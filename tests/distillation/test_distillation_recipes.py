@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,21 +24,33 @@ def _test_overrides(recipe: Path) -> list[str]:
     raise AssertionError(f"{recipe} has no '# Test:' line")
 
 
+_TEACHER_CKPT = Path("runs") / "distillation" / "teacher_digits" / "teacher.ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained_teacher_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """teacher_digits.yaml run once through the CLI (shrunk); returns the teacher checkpoint it wrote."""
+    workdir = tmp_path_factory.mktemp("teacher")
+    recipe = RECIPES / "teacher_digits.yaml"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        main(["fit", "--config", str(recipe), *_test_overrides(recipe), "--trainer.enable_progress_bar=false"])
+    return workdir / _TEACHER_CKPT
+
+
+def _place_teacher(teacher_ckpt: Path, workdir: Path) -> Path:
+    """Put the trained teacher where the distill recipes look for it, relative to ``workdir``."""
+    target = workdir / _TEACHER_CKPT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(teacher_ckpt, target)
+    return target
+
+
 def test_teacher_then_distill_recipe_writes_a_student_that_loads_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_teacher_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    teacher_recipe = RECIPES / "teacher_digits.yaml"
-    main(
-        [
-            "fit",
-            "--config",
-            str(teacher_recipe),
-            *_test_overrides(teacher_recipe),
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
-    teacher_ckpt = tmp_path / "runs" / "distillation" / "teacher_digits" / "teacher.ckpt"
+    teacher_ckpt = _place_teacher(trained_teacher_recipe, tmp_path)
     assert teacher_ckpt.is_file()
 
     distill_recipe = RECIPES / "distill_digits.yaml"
@@ -79,19 +92,11 @@ def test_teacher_then_distill_recipe_writes_a_student_that_loads_alone(
 
 
 @pytest.mark.slow
-def test_distill_prune_qat_recipe_acts_on_the_student_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_distill_prune_qat_recipe_acts_on_the_student_only(
+    trained_teacher_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    teacher_recipe = RECIPES / "teacher_digits.yaml"
-    main(
-        [
-            "fit",
-            "--config",
-            str(teacher_recipe),
-            *_test_overrides(teacher_recipe),
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
-    teacher_ckpt = tmp_path / "runs" / "distillation" / "teacher_digits" / "teacher.ckpt"
+    teacher_ckpt = _place_teacher(trained_teacher_recipe, tmp_path)
     teacher_before = torch.load(teacher_ckpt, weights_only=False)["state_dict"]
 
     recipe = RECIPES / "distill_prune_qat_digits.yaml"
