@@ -23,6 +23,7 @@ from lightning_opt.pruning._masks import (
     select_modules,
     unstructured_masks,
 )
+from lightning_opt.pruning._remask import REMASK_KERNELS, Remasker
 from lightning_opt.schedules import Schedule
 
 __all__ = ["Pruning"]
@@ -74,15 +75,21 @@ class Pruning(Callback):
         example_input_shape: input shape for tracing channel groups when the LightningModule has no
             ``example_input_array`` (e.g. ``[1, 3, 32, 32]``).
         log_histograms: log weight histograms of pruned layers at each update (TensorBoard).
+        remask: how the masks are re-applied after every optimizer step (bit-identical results):
+            ``"foreach"`` multiplies by float copies of the masks (one ``torch._foreach_mul_``; the copies take as
+            much memory as the pruned weights); ``"compiled"`` multiplies by the bool masks themselves with a
+            ``torch.compile``d kernel (no copies, ~0.8x the time on CPU; compiles once per process, needs a C++
+            compiler on CPU, falls back to ``"foreach"`` with a warning); ``"auto"`` (default) uses ``"compiled"``
+            on CPU from 4M masked weights, else ``"foreach"``.
 
     Raises:
         TypeError: if ``schedule`` is not a :class:`~lightning_opt.schedules.Schedule`.
         ValueError: if ``schedule.final`` or ``schedule.initial`` is outside [0, 1) or ``initial > final``;
-            ``granularity``/``scope`` is unknown; ``criterion`` is unknown; ``n``/``m`` are invalid (``n >= m``) or
-            the schedule does not end at ``(m - n) / m``; an ``overrides`` value is outside [0, 1) or used with N:M;
-            a regex does not compile; ``remove_channels`` without ``granularity="channel"``; at setup: an
-            ``include``/``overrides`` regex matches no prunable module (the message lists them), the schedule's
-            start resolves after its end, or channel pruning has no example input.
+            ``granularity``/``scope``/``remask`` is unknown; ``criterion`` is unknown; ``n``/``m`` are invalid
+            (``n >= m``) or the schedule does not end at ``(m - n) / m``; an ``overrides`` value is outside [0, 1)
+            or used with N:M; a regex does not compile; ``remove_channels`` without ``granularity="channel"``; at
+            setup: an ``include``/``overrides`` regex matches no prunable module (the message lists them), the
+            schedule's start resolves after its end, or channel pruning has no example input.
 
     Example:
         >>> from lightning_opt.schedules import PolynomialSchedule
@@ -106,6 +113,7 @@ class Pruning(Callback):
         remove_channels: bool = False,
         example_input_shape: list[int] | None = None,
         log_histograms: bool = True,
+        remask: Literal["auto", "foreach", "compiled"] = "auto",
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(
@@ -123,6 +131,8 @@ class Pruning(Callback):
             )
         if granularity not in _GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {list(_GRANULARITIES)}, got {granularity!r}.")
+        if remask not in REMASK_KERNELS:
+            raise ValueError(f"`remask` must be one of {list(REMASK_KERNELS)}, got {remask!r}.")
         if scope not in _SCOPES:
             raise ValueError(f"`scope` must be one of {list(_SCOPES)}, got {scope!r}.")
         self.criterion = resolve_criterion(criterion)
@@ -168,6 +178,7 @@ class Pruning(Callback):
         self.remove_channels = remove_channels
         self.example_input_shape = example_input_shape
         self.log_histograms = log_histograms
+        self.remask = remask
 
         # state
         self._masks: dict[str, Tensor] = {}  # bool, True = kept (params for unstructured/nm, all coupled for channel)
@@ -183,8 +194,7 @@ class Pruning(Callback):
         self._weights: list[str] = []  # names of the pruned weights (roots for channel)
         self._groups: ChannelGroups | None = None
         self._params: dict[str, nn.Parameter] = {}
-        self._hot_params: list[Tensor] = []
-        self._hot_masks: list[Tensor] = []
+        self._remasker = Remasker(remask)
         self._handles: list[Any] = []
         self._hooked: list[int] = []
         self._pending: dict[str, Any] | None = None
@@ -193,7 +203,7 @@ class Pruning(Callback):
         # runtime references (dependency graph, hook handles, parameters) are rebuilt in setup/on_fit_start; leaving
         # them out keeps the callback picklable (ddp_spawn) and deep-copyable (anything copying the trainer)
         state = dict(self.__dict__)
-        state.update(_groups=None, _handles=[], _hooked=[], _params={}, _hot_params=[], _hot_masks=[], _modules={})
+        state.update(_groups=None, _handles=[], _hooked=[], _params={}, _remasker=Remasker(self.remask), _modules={})
         return state
 
     # ------------------------------------------------------------------ public helpers
@@ -251,8 +261,7 @@ class Pruning(Callback):
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned elements in place (what runs after every optimizer step)."""
-        if self._hot_params:
-            torch._foreach_mul_(self._hot_params, self._hot_masks)
+        self._remasker.apply()
 
     # ------------------------------------------------------------------ override points
     def select_modules(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
@@ -366,9 +375,9 @@ class Pruning(Callback):
         self.apply()
 
     def _refresh_hot(self) -> None:
-        hot = [(self._params[n], mk) for n, mk in self._masks.items() if n in self._params and not bool(mk.all())]
-        self._hot_params = [p for p, _ in hot]
-        self._hot_masks = [mk.to(dtype=p.dtype, device=p.device) for p, mk in hot]
+        self._remasker.set(
+            [(self._params[n], mk) for n, mk in self._masks.items() if n in self._params and not bool(mk.all())]
+        )
 
     # ------------------------------------------------------------------ training
     @override
@@ -554,7 +563,8 @@ class Pruning(Callback):
         after = measure(pl_module, example) if trainer.is_global_zero else {}
         pl_module.train(was_training)
         self._removed = True
-        self._hot_params, self._hot_masks, self._params = [], [], {}
+        self._remasker.set([])
+        self._params = {}
         err = float((before_out - after_out).abs().max()) if isinstance(before_out, Tensor) else float("nan")
         if err > 1e-3 * max(1.0, float(before_out.abs().max())):
             rank_zero_warn(f"Pruning: outputs after channel removal differ from the masked model by {err:.3g}.")

@@ -343,10 +343,10 @@ class _Search:
         return ["--config", str(path)]
 
     def _over_budget(self, trial: optuna.Trial) -> bool:
-        frozen = trial.study._storage.get_trial(trial._trial_id)
+        trials = trial.study.get_trials(deepcopy=False)  # one storage read: this trial is among them
+        frozen = next(t for t in reversed(trials) if t._trial_id == trial._trial_id)
         if "failed_trial" in frozen.system_attrs or "fixed_params" in frozen.system_attrs:
             return False  # a re-queued trial of a dead worker replaces one already counted
-        trials = trial.study.get_trials(deepcopy=False)
         before = [t for t in counted_trials(trials) if t.number < trial.number]
         return len(before) >= self.config.n_trials
 
