@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_opt._utils import local_log_dir
 from lightning_opt.pruning._channel import STRUCTURE_KEY, ChannelGroups, pruned_structure, save_pruned
 from lightning_opt.pruning._criteria import Criterion, resolve_criterion
 from lightning_opt.pruning._masks import (
@@ -577,8 +578,7 @@ class Pruning(Callback):
 
     @rank_zero_only
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        path = Path(log_dir) / "pruned_model.pt"
+        path = Path(local_log_dir(trainer)) / "pruned_model.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_pruned(pl_module, path)
         self.pruned_model_path = str(path)

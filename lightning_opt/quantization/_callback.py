@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_opt._utils import local_log_dir
 from lightning_opt.quantization import _artifact, _pt2e
 
 __all__ = ["PostTrainingQuantization", "QuantizationAwareTraining", "restore_quantized_structure"]
@@ -272,8 +273,7 @@ class _Int8Callback(Callback):
     def _artifact_file(self, trainer: pl.Trainer) -> str:
         if self.artifact_path is not None:
             return self.artifact_path
-        root = trainer.log_dir or trainer.default_root_dir
-        return os.path.join(root, f"{self.stage_name}.pt2")
+        return os.path.join(local_log_dir(trainer), f"{self.stage_name}.pt2")  # rank zero only
 
     def _test_batches(self, trainer: pl.Trainer) -> Any:
         datamodule = trainer.datamodule  # type: ignore[attr-defined]

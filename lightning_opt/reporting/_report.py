@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_opt._utils import local_log_dir
 from lightning_opt.measure import measure_model
 
 __all__ = ["CompressionReport", "format_report_markdown"]
@@ -224,7 +225,7 @@ class CompressionReport(Callback):
         if output_dir is not None:
             self.output_dir = Path(output_dir)
         elif trainer is not None:
-            self.output_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            self.output_dir = Path(local_log_dir(trainer))
         assert self.output_dir is not None, "`write` needs a trainer or an output_dir"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         table = format_report_markdown(self.stages)
