@@ -81,6 +81,8 @@ class SuggestingArgumentParser(LightningArgumentParser):
                 except (ImportError, AttributeError, ValueError, TypeError):
                     continue
             first = option.split(".")[0]
+            if first in names:  # a parameter of one of the union's classes: its value is wrong, not its name
+                continue
             hints.append(
                 self._hint(first, difflib.get_close_matches(first, list(dict.fromkeys(names)), n=3, cutoff=0.6))
             )

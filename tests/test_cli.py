@@ -42,6 +42,17 @@ def test_unknown_model_argument_is_named_with_a_suggestion(tmp_path, capsys, mon
     assert "backbone_kwarg" in err and "did you mean 'backbone_kwargs'" in err
 
 
+def test_bad_callback_value_names_the_allowed_values_without_a_bogus_suggestion(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gmp = str(REPO / "recipes" / "pruning" / "gmp_digits.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", gmp, "--trainer.callbacks.init_args.remask=fast"])
+    err = capsys.readouterr().err
+    assert "remask" in err and "'auto', 'foreach', 'compiled'" in err and "Got value: fast" in err
+    assert "did you mean" not in err  # the key exists; only its value is wrong
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_backbone_fails_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
