@@ -27,6 +27,7 @@ Both int8 figures come from the saved ``.pt2`` artifacts, compiled, on the 1,000
 Usage:
     python benchmarks/quantization.py                    # both parts (about 15-25 minutes on 2 shared cores)
     python benchmarks/quantization.py --part latency --threads 1
+    python benchmarks/quantization.py --part size        # bytes on disk of fp32 and int8 artifacts
     python benchmarks/quantization.py --part accuracy --seeds 0 --epochs 15
 """
 
@@ -128,6 +129,55 @@ def part_latency(threads: int, rounds: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def part_size() -> dict[str, dict[str, int]]:
+    """Bytes on disk of each artifact: fp32 and int8 ``.pt2`` (torch.export), fp32 and int8 ONNX (QDQ)."""
+    import os
+
+    import torchvision
+
+    from lightning_opt.models import SmallCNN
+
+    torch.manual_seed(0)
+    models = {
+        "resnet18, 3x224x224": (torchvision.models.resnet18(weights=None), (1, 3, 224, 224)),
+        "mobilenet_v2, 3x224x224": (torchvision.models.mobilenet_v2(weights=None), (1, 3, 224, 224)),
+        "SmallCNN [16, 32, 64], 1x28x28 (MNIST-5k)": (
+            SmallCNN(in_channels=1, num_classes=10, channels=(16, 32, 64)),
+            (1, 1, 28, 28),
+        ),
+        "digits CNN [32, 64], 1x8x8": (SmallCNN(in_channels=1, num_classes=10, channels=(32, 64)), (1, 1, 8, 8)),
+    }
+    results: dict[str, dict[str, int]] = {}
+    print("\n| model | params | fp32 .pt2 | int8 .pt2 | fp32 / int8 | fp32 ONNX | int8 ONNX | fp32 / int8 |")
+    print("|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for i, (name, (model, shape)) in enumerate(models.items()):
+            model.eval()
+            example = torch.randn(*shape)
+            sizes = {"params": sum(p.numel() for p in model.parameters())}
+            sizes["fp32_pt2"] = save_artifact(model, example, tmp / f"m{i}_fp32.pt2")
+            spec = QuantSpec(module="", input_shape=list(shape), mode="ptq")
+            graph = calibrate(model, spec, [torch.randn(*shape) for _ in range(4)], 4)
+            sizes["int8_pt2"] = save_artifact(convert(graph), example, tmp / f"m{i}_int8.pt2")
+            export_onnx(model, example, tmp / f"m{i}.onnx")
+            quantize_onnx(tmp / f"m{i}.onnx", tmp / f"m{i}.int8.onnx", [(torch.randn(*shape),) for _ in range(4)], 4)
+            sizes["fp32_onnx"] = os.path.getsize(tmp / f"m{i}.onnx")
+            sizes["int8_onnx"] = os.path.getsize(tmp / f"m{i}.int8.onnx")
+            results[name] = sizes
+
+            def kb(n: int) -> str:
+                return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+            print(
+                f"| {name} | {sizes['params'] / 1e6:.3f}M | {kb(sizes['fp32_pt2'])} | {kb(sizes['int8_pt2'])} "
+                f"| {sizes['fp32_pt2'] / sizes['int8_pt2']:.2f}x | {kb(sizes['fp32_onnx'])} | {kb(sizes['int8_onnx'])} "
+                f"| {sizes['fp32_onnx'] / sizes['int8_onnx']:.2f}x |",
+                flush=True,
+            )
+    return results
+
+
 def _trainer(tmp: Path, callbacks: list, epochs: int):
     import lightning.pytorch as pl
 
@@ -212,7 +262,7 @@ def part_accuracy(seeds: list[int], epochs: int, threads: int, qat_epochs: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "latency", "accuracy"], default="all")
+    parser.add_argument("--part", choices=["all", "latency", "size", "accuracy"], default="all")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seeds", default="0,1,2")
@@ -224,6 +274,8 @@ def main() -> None:
     out: dict[str, object] = {"threads": args.threads}
     if args.part in ("all", "latency"):
         out["latency"] = part_latency(args.threads, args.rounds)
+    if args.part in ("all", "size"):
+        out["size"] = part_size()
     if args.part in ("all", "accuracy"):
         out["accuracy"] = part_accuracy(
             [int(s) for s in args.seeds.split(",")], args.epochs, args.threads, args.qat_epochs

@@ -561,9 +561,32 @@ def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
         module.fake_quant_enabled.fill_(1)
     with _fast_conv_bn_fold(work):
         converted = convert_pt2e(work)
+    drop_unused_tensors(converted)
     converted.meta[_META_KEY] = {"training": False, "bn_frozen": False}
     install_train_eval(converted)
     return converted
+
+
+def drop_unused_tensors(graph: torch.fx.GraphModule) -> list[str]:
+    """Remove the parameters and buffers that no node of ``graph`` reads; returns their names.
+
+    ``convert_pt2e`` replaces each quantized weight by an int8 constant but leaves the fp32 parameter it came from on
+    the module, and ``torch.export`` saves every parameter: without this the int8 ``.pt2`` would hold the fp32 weights
+    too and be larger than the fp32 model (60 MB instead of 12 MB for resnet18).
+    """
+    used = {str(n.target) for n in graph.graph.nodes if n.op == "get_attr"}
+    owners = [str(n.target) for n in graph.graph.nodes if n.op == "call_module"]  # their tensors are read inside
+    dropped = []
+    named = [*graph.named_parameters(remove_duplicate=False), *graph.named_buffers(remove_duplicate=False)]
+    for name, _ in named:
+        if name in used or any(name.startswith(f"{owner}.") for owner in owners):
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        owner = graph.get_submodule(prefix) if prefix else graph
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        dropped.append(name)
+    return dropped
 
 
 def export_artifact(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:

@@ -70,6 +70,8 @@ def test_qat_fit_end_artifact_report_tensorboard_fresh_process(tmp_path):
     int8 = [v for v in program.state_dict.values() if v.dtype == torch.int8]
     first = next(v for v in int8 if v.shape[1] == 1)
     assert int((first == 0).sum()) >= pruned
+    # and no fp32 copy of the weights they replace travels with them (only biases, scales: 1-D)
+    assert [k for k, v in program.state_dict.items() if v.is_floating_point() and v.dim() > 1] == []
 
     # the artifact loads and runs in a fresh process, giving the same outputs
     x = torch.randn(3, 1, 8, 8)
@@ -82,6 +84,22 @@ def test_qat_fit_end_artifact_report_tensorboard_fresh_process(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), load_artifact(artifact)(x))
+
+
+def test_int8_artifact_is_smaller_than_the_fp32_one(tmp_path):
+    """The int8 .pt2 holds int8 weights only: convert_pt2e's leftover fp32 parameters are dropped before export."""
+    from lightning_opt.models import SmallCNN
+    from lightning_opt.quantization import QuantSpec, calibrate, convert, save_artifact
+
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, num_classes=10, channels=(64, 128, 128)).eval()
+    example = torch.randn(1, 1, 8, 8)
+    fp32_bytes = save_artifact(model, example, tmp_path / "fp32.pt2")
+    graph = calibrate(model, QuantSpec(module="", input_shape=[1, 1, 8, 8], mode="ptq"), [example] * 2, 2)
+    converted = convert(graph)
+    int8_bytes = save_artifact(converted, example, tmp_path / "int8.pt2")
+    assert fp32_bytes / int8_bytes > 2.5, (fp32_bytes, int8_bytes)
+    torch.testing.assert_close(load_artifact(tmp_path / "int8.pt2")(example), converted(example))
 
 
 def test_ptq_callback_reports_int8_ptq_stage(tmp_path):
