@@ -24,7 +24,7 @@ from lightning_opt.pruning._masks import (
     select_modules,
     unstructured_masks,
 )
-from lightning_opt.pruning._remask import REMASK_KERNELS, Remasker
+from lightning_opt.pruning._remask import Remasker
 from lightning_opt.schedules import Schedule
 
 __all__ = ["Pruning"]
@@ -132,8 +132,6 @@ class Pruning(Callback):
             )
         if granularity not in _GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {list(_GRANULARITIES)}, got {granularity!r}.")
-        if remask not in REMASK_KERNELS:
-            raise ValueError(f"`remask` must be one of {list(REMASK_KERNELS)}, got {remask!r}.")
         if scope not in _SCOPES:
             raise ValueError(f"`scope` must be one of {list(_SCOPES)}, got {scope!r}.")
         self.criterion = resolve_criterion(criterion)
@@ -180,6 +178,7 @@ class Pruning(Callback):
         self.example_input_shape = example_input_shape
         self.log_histograms = log_histograms
         self.remask = remask
+        self._remasker = Remasker(remask)  # validates `remask`
 
         # state
         self._masks: dict[str, Tensor] = {}  # bool, True = kept (params for unstructured/nm, all coupled for channel)
@@ -195,7 +194,6 @@ class Pruning(Callback):
         self._weights: list[str] = []  # names of the pruned weights (roots for channel)
         self._groups: ChannelGroups | None = None
         self._params: dict[str, nn.Parameter] = {}
-        self._remasker = Remasker(remask)
         self._handles: list[Any] = []
         self._hooked: list[int] = []
         self._pending: dict[str, Any] | None = None
