@@ -7,27 +7,136 @@ files are absent.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 __all__ = [
     "UNLABELED",
     "DigitsDataModule",
+    "EpochSampler",
     "MNIST5kDataModule",
+    "ResumableDataLoader",
     "ShiftAugmented",
     "TabularDataModule",
     "TorchvisionDataModule",
 ]
 
 
+def _seed_of(*parts: int) -> int:
+    """One 63-bit seed from several integers (seed, epoch, index), the same on every machine and process."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler[Any]):
+    """Shuffles from a generator seeded by ``(seed, epoch)``, so the order of every epoch is reproducible on resume.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (also after a restart, with the restored epoch), so a
+    run resumed from a checkpoint sees the batches of the uninterrupted run; torch's global generator, which no
+    checkpoint holds, is never used. With ``with_seeds`` each index comes with a per-sample seed (``(index,
+    sample_seed)``) for random augmentation that must also be reproducible (:class:`ShiftAugmented`), in worker
+    processes too.
+
+    Args:
+        size: Number of samples.
+        seed: Base seed.
+        shuffle: Whether to shuffle (``False``: ``0..size-1``).
+        with_seeds: Yield ``(index, sample_seed)`` pairs instead of indices.
+
+    Example:
+        >>> sampler = EpochSampler(5, seed=0)
+        >>> sampler.set_epoch(1)
+        >>> first = list(sampler)
+        >>> sampler.set_epoch(0); sampler.set_epoch(1)
+        >>> list(sampler) == first, sorted(first)
+        (True, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, with_seeds: bool = False) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.with_seeds = with_seeds
+        self.epoch = 0
+        self.skip = 0  # samples of the current epoch already consumed before a restart
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields."""
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        """The sample indices of the current epoch, in order."""
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[Any]:
+        start, self.skip = self.skip, 0
+        for index in self.order()[start:]:
+            yield (index, _seed_of(self.seed, self.epoch, index)) if self.with_seeds else index
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` that Lightning can resume in the middle of an epoch.
+
+    Lightning saves ``state_dict()`` of every training loader that has one into the checkpoint and gives it back
+    through ``load_state_dict`` on ``fit(ckpt_path=...)``. The state is the epoch and the number of batches the
+    training loop had consumed (``progress()``; prefetched batches do not count); the resumed epoch then skips those
+    batches, so its remaining batches are the ones the uninterrupted run saw.
+
+    Args:
+        dataset: The dataset.
+        sampler: Its :class:`EpochSampler`.
+        progress: Returns the number of batches of the current epoch the training loop has consumed.
+        **kwargs: Other ``DataLoader`` arguments (``batch_size``, ``num_workers``...).
+    """
+
+    def __init__(
+        self, dataset: Dataset, sampler: Sampler, progress: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        # under DDP Lightning rebuilds the loader around a distributed wrapper of the sampler: epochs still reach the
+        # EpochSampler (the wrapper forwards `set_epoch`), but a restart can only be exact at an epoch boundary
+        self.epoch_sampler = sampler if isinstance(sampler, EpochSampler) else None
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches", "seed"}``: where in the epoch's order training stands."""
+        if self.epoch_sampler is None:
+            return {}
+        batches = self.progress() if self.progress is not None else 0
+        return {"epoch": self.epoch_sampler.epoch, "batches": int(batches), "seed": self.epoch_sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume inside the saved epoch: skip the batches it had already consumed."""
+        if self.epoch_sampler is None or not state:
+            return
+        skip = int(state.get("batches", 0)) * (self.batch_size or 1)
+        self.epoch_sampler.set_epoch(int(state.get("epoch", 0)))
+        self.epoch_sampler.skip = skip if skip < self.epoch_sampler.size else 0
+
+
 class ShiftAugmented(Dataset):
     """Wraps an image dataset and shifts each image by up to ``max_shift`` pixels (zero padding), as in Hinton 2015.
+
+    The shift is drawn from a generator seeded by the sample's seed when the sampler yields ``(index, seed)`` pairs
+    (:class:`EpochSampler` with ``with_seeds=True``): the same sample in the same epoch gets the same shift on a
+    resumed run. A bare index draws from torch's global generator.
 
     Args:
         dataset: A dataset of ``(image, label, ...)`` tuples with images shaped ``(C, H, W)``.
@@ -41,10 +150,14 @@ class ShiftAugmented(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
+        index, generator = key, None
+        if isinstance(key, tuple):
+            index, sample_seed = key
+            generator = torch.Generator().manual_seed(sample_seed)
         image, *rest = self.dataset[index]
         s = self.max_shift
-        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=generator))
         padded = F.pad(image, (s, s, s, s))
         h, w = image.shape[-2:]
         return (padded[..., s + dy : s + dy + h, s + dx : s + dx + w], *rest)
@@ -139,15 +252,43 @@ class _InMemoryDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         dataset = self._splits[split]
-        if shuffle and self.augment_shift > 0:
+        augment = shuffle and self.augment_shift > 0
+        if augment:
             dataset = ShiftAugmented(dataset, self.augment_shift)
-        return DataLoader(
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=shuffle, with_seeds=augment)  # type: ignore[arg-type]
+        return ResumableDataLoader(
             dataset,
+            sampler,
+            progress=self._consumed_batches if shuffle else None,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _consumed_batches(self) -> int:
+        """Training batches of the current epoch that the fit loop has run through ``training_step``."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        processed = int(getattr(current, "processed", current.completed))  # run through training_step
+        return 0 if processed >= trainer.num_training_batches else processed  # a finished epoch: the next starts anew
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the data order depends on; a resumed run with another ``seed`` or ``batch_size`` cannot be exact."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "augment_shift": self.augment_shift}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when the resumed run's data settings differ from the checkpoint's (the order would differ)."""
+        mine = self.state_dict()
+        changed = {k: (v, mine[k]) for k, v in state_dict.items() if k in mine and mine[k] != v}
+        if changed:
+            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            warnings.warn(
+                f"Resuming with different data settings than the checkpoint ({detail}): the resumed run will not "
+                "see the batches of the uninterrupted run.",
+                stacklevel=2,
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
