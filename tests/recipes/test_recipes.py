@@ -70,3 +70,20 @@ def test_recipe_under_plain_ddp(recipe, stages, files, tmp_path):
     (report,) = (tmp_path / "runs").rglob("report.json")
     assert stages <= set(json.loads(report.read_text())["stages"])
     assert files <= {p.name for p in report.parent.iterdir()}
+
+
+@pytest.mark.parametrize("recipe", ALL, ids=[str(p.relative_to(RECIPES)) for p in ALL])
+def test_last_ckpt_is_the_latest_state(recipe):
+    """Lightning writes `last.ckpt` only when a monitored checkpoint improves: a recipe that monitors a metric must
+    keep a separate unmonitored `save_last` checkpoint, so that resuming from last.ckpt never goes back epochs."""
+    import yaml
+
+    config = yaml.safe_load(recipe.read_text()) or {}
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    checkpoints = [
+        c.get("init_args") or {} for c in callbacks if str(c.get("class_path", "")).endswith("ModelCheckpoint")
+    ]
+    for args in checkpoints:
+        assert not (args.get("monitor") and args.get("save_last")), f"{recipe}: save_last on a monitored checkpoint"
+    if any(args.get("monitor") for args in checkpoints) and any(a.get("save_last") is not None for a in checkpoints):
+        assert any(a.get("save_last") and not a.get("monitor") for a in checkpoints)
