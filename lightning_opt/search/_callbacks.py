@@ -11,7 +11,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-__all__ = ["NonFiniteLossError", "TrialCallback"]
+__all__ = ["NonFiniteLossError", "ObjectiveNotLoggedError", "TrialCallback"]
+
+
+class ObjectiveNotLoggedError(KeyError):
+    """An objective names a metric the model never logs: a recipe error, so the search stops after this trial."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,7 +29,8 @@ class TrialCallback(Callback):
     0, 1, 2, ... (the count of validations so far: with the default ``val_check_interval`` the epoch), so that trials
     whose optimizer steps differ (a searched batch size) are compared at the same point of training; when the
     study's trial pruner says so, :class:`optuna.TrialPruned` is raised, which ends the fit and marks the trial
-    pruned. A NaN or infinite training loss raises :class:`NonFiniteLossError`.
+    pruned. A NaN or infinite training loss raises :class:`NonFiniteLossError`; a ``monitor`` that the model does not
+    log raises :class:`ObjectiveNotLoggedError` (the search stops: every other trial would fail the same way).
 
     It is added by the search loop to each trial's Trainer; it holds no state worth resuming (a trial is not resumed,
     a dead worker's trial is re-run from scratch).
@@ -71,7 +76,7 @@ class TrialCallback(Callback):
         logged = trainer.callback_metrics.get(self.monitor)
         if logged is None:
             available = sorted(trainer.callback_metrics)
-            raise KeyError(f"objective `{self.monitor}` is not logged; logged metrics: {available}")
+            raise ObjectiveNotLoggedError(f"objective `{self.monitor}` is not logged; logged metrics: {available}")
         value = float(logged)
         if not math.isfinite(value):
             raise NonFiniteLossError(f"`{self.monitor}` is {value} at step {trainer.global_step}")

@@ -74,6 +74,7 @@ def _rows(trials: list[FrozenTrial], config: SearchConfig, front: set[int]) -> t
     keys = config.space.keys
     header = ["number", "state", *names, *keys, "pareto", "steps", "fit_seconds", "trial_seconds"]
     header += ["outside_training_share", "fail_reason", "trial_dir"]
+    retried_as = {int(t.system_attrs["failed_trial"]): t.number for t in trials if "failed_trial" in t.system_attrs}
     rows = []
     for t in trials:
         params = config.space.decode_params(t.params)
@@ -88,10 +89,21 @@ def _rows(trials: list[FrozenTrial], config: SearchConfig, front: set[int]) -> t
         row["fit_seconds"] = fit_s
         row["trial_seconds"] = total_s
         row["outside_training_share"] = round(1.0 - fit_s / total_s, 4) if fit_s is not None and total_s else None
-        row["fail_reason"] = t.user_attrs.get("fail_reason", "")
+        row["fail_reason"] = t.user_attrs.get("fail_reason", "") or _lost_reason(t, retried_as)
         row["trial_dir"] = t.user_attrs.get("trial_dir", "")
         rows.append(row)
     return header, rows
+
+
+def _lost_reason(trial: FrozenTrial, retried_as: dict[int, int]) -> str:
+    """Why a failed trial that recorded no reason failed: its worker stopped sending heartbeats (killed, lost)."""
+    if trial.state != TrialState.FAIL:
+        return ""
+    worker = trial.user_attrs.get("worker", "its worker")
+    reason = f"worker lost: {worker} stopped sending heartbeats (killed or disconnected)"
+    if trial.number in retried_as:
+        reason += f"; retried as trial {retried_as[trial.number]}"
+    return reason
 
 
 def _best_yaml(path: Path, trial: FrozenTrial, config: SearchConfig, recipe: dict[str, Any]) -> Path:
@@ -245,7 +257,8 @@ def write_outputs(
     console = console or Console()
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    trials = [t for t in counted_trials(study.get_trials(deepcopy=False)) if t.state.is_finished()]
+    every = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("skipped")]
+    trials = [t for t in counted_trials(every) if t.state.is_finished()]
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     multi = len(config.objectives) > 1
     result = SearchResult(study=study, config=config)
@@ -264,14 +277,16 @@ def write_outputs(
         name = "best.yaml" if i == 0 else f"best_trial_{t.number:04d}.yaml"
         result.best_configs.append(_best_yaml(run_dir / name, t, config, recipe))
 
-    header, rows = _rows(trials, config, front_numbers)
+    header, csv_rows = _rows(every, config, front_numbers)  # a dead worker's trial too, with why it failed
+    counted = {t.number for t in trials}
+    rows = [row for row in csv_rows if row["number"] in counted]
     csv_path = run_dir / "trials.csv"
 
     def write_csv(tmp: Path) -> None:
         with tmp.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=header)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(csv_rows)
 
     _atomic_write(csv_path, write_csv)
     result.files["csv"] = csv_path

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from lightning_opt.search._callbacks import TrialCallback
+from lightning_opt.search._callbacks import ObjectiveNotLoggedError, TrialCallback
 from lightning_opt.search._space import SearchSpace, flatten_keys, set_path, suggest_keys
 from lightning_opt.search._spec import BUILTIN_OBJECTIVES, SearchConfig
 
@@ -32,10 +32,6 @@ _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 _TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter: the same text, ~4x faster
-
-
-class ObjectiveNotLoggedError(KeyError):
-    """An objective names a metric the model never logs: a recipe error, so the search stops."""
 
 
 class _BudgetReachedError(RuntimeError):
@@ -294,7 +290,7 @@ class _Search:
         ]
         if list(study.directions) != wanted:
             raise ValueError(
-                f"study {cfg.study_name!r} in {cfg.storage_url!r} has directions"
+                f"study {cfg.study_name!r} in {cfg.masked_storage_url!r} has directions"
                 f" {[d.name.lower() for d in study.directions]}, but `search.objectives` asks for {cfg.directions}."
                 " HINT: give this search another `study_name` or `run_dir`."
             )

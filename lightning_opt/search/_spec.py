@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,24 @@ def _sqlite_connect(path: str) -> Any:
     return conn
 
 
+def mask_url(text: str, url: str | None = None) -> str:
+    """Hide the password of a database URL: in the URL itself, or wherever ``url``'s password appears in ``text``.
+
+    Example:
+        >>> mask_url("postgresql://ann:s3cret@db:5432/study")
+        'postgresql://ann:***@db:5432/study'
+        >>> mask_url("could not connect with s3cret", "postgresql://ann:s3cret@db/x")
+        'could not connect with ***'
+        >>> mask_url("sqlite:///run/study.db")
+        'sqlite:///run/study.db'
+    """
+    source = url if url is not None else text
+    match = re.match(r"^[\w+.-]+://[^:/@]*:([^@]*)@", source)
+    if not match or not match.group(1):
+        return text
+    return text.replace(match.group(1), "***")
+
+
 def _postgres_driver(url: str) -> str:
     """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; use psycopg2 (a dependency) when psycopg is absent."""
     if not url.startswith("postgresql://"):
@@ -341,6 +360,11 @@ class SearchConfig:
         """The storage URL: given, or a SQLite file in the run directory."""
         return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
 
+    @property
+    def masked_storage_url(self) -> str:
+        """:attr:`storage_url` with its password replaced by ``***``, for messages and files."""
+        return mask_url(self.storage_url)
+
     def make_sampler(self) -> optuna.samplers.BaseSampler:
         """Build the optuna sampler; with ``seed``, random/TPE/NSGA-II draw each trial from ``(seed, trial number)``.
 
@@ -410,6 +434,7 @@ class SearchConfig:
             except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ImportError) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(
-                    f"`search.storage` {given!r} cannot be reached: {first}. HINT: check host, port, user and database,"
+                    f"`search.storage` {mask_url(given)!r} cannot be reached: {mask_url(first, given)}. "
+                    "HINT: check host, port, user and database,"
                     " e.g. postgresql://user:password@host:5432/dbname, or leave `storage` unset for a SQLite file."
                 ) from None

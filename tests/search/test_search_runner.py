@@ -247,6 +247,15 @@ def test_unlogged_objective_stops_the_search(make_recipe) -> None:
         run_search(recipe, console=quiet())
 
 
+def test_unlogged_objective_stops_the_search_with_a_trial_pruner(make_recipe, tmp_path) -> None:
+    """With a pruner the objective is watched after every validation: a missing one must still stop the search."""
+    recipe = make_recipe(search={"objectives": ["val/accuracy"], "n_trials": 4, "pruner": {"name": "median"}})
+    with pytest.raises(ValueError, match=r"objective `val/accuracy` is not logged"):
+        run_search(recipe, console=quiet())
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{next(tmp_path.rglob('study.db'))}")
+    assert len(study.trials) == 1
+
+
 @pytest.mark.parametrize(
     "edits",
     [

@@ -119,6 +119,16 @@ def test_unreachable_storage() -> None:
         cfg.make_storage()
 
 
+def test_storage_password_never_shown() -> None:
+    url = f"postgresql://ann:s3cret-pw@127.0.0.1:{free_port()}/nodb"
+    cfg = SearchConfig.from_dict(section(storage=url))
+    with pytest.raises(ValueError, match="cannot be reached") as err:
+        cfg.make_storage()
+    assert "s3cret-pw" not in str(err.value)
+    assert "postgresql://ann:***@127.0.0.1" in str(err.value)
+    assert "s3cret-pw" not in cfg.masked_storage_url
+
+
 def test_seeded_sampler_copies_and_drives_a_multi_objective_study() -> None:
     import copy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import signal
@@ -78,6 +79,10 @@ def test_killed_worker_trial_is_failed_and_retried(make_recipe, tmp_path, subpro
     assert retried[0].params == running.params
     counted = counted_trials(trials)
     assert [t.number for t in counted] == [retried[0].number]  # the budget of 1 is met once, by the retry
+    # trials.csv says why the dead trial failed and which trial took its place
+    rows = {int(r["number"]): r for r in csv.DictReader(result.files["csv"].open())}
+    assert rows[dead.number]["fail_reason"].startswith("worker lost:")
+    assert rows[dead.number]["fail_reason"].endswith(f"retried as trial {retried[0].number}")
 
 
 @pytest.mark.postgres
