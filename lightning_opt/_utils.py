@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-__all__ = ["local_log_dir"]
+__all__ = ["load_checkpoint", "local_log_dir"]
 
 
 def local_log_dir(trainer: pl.Trainer) -> str:
@@ -28,3 +34,57 @@ def local_log_dir(trainer: pl.Trainer) -> str:
         if path is not None:
             return str(path)
     return str(trainer.default_root_dir)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a Lightning checkpoint the user named, weights-only (a file cannot run code), with one clear error.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The checkpoint dict (it holds ``state_dict``).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it is a folder, cannot be read (truncated, not a PyTorch file), needs code to load (a pickle
+            that is not weights-only), or is not a Lightning checkpoint; the message names the file.
+
+    Example:
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "not.ckpt")
+        >>> _ = open(path, "w").write("hello")
+        >>> load_checkpoint(path)
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint '...not.ckpt' cannot be read: ... HINT: give a checkpoint written by ...
+    """
+    import torch
+
+    file = Path(path)
+    hint = "HINT: give a checkpoint written by `lightning-opt fit` (runs/<name>/version_N/checkpoints/last.ckpt)."
+    if not file.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist. {hint}")
+    if not file.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is not a file. {hint}")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))  # "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL x.y"
+        if found is None:  # not a pickle the weights-only loader can read at all
+            raise ValueError(f"checkpoint {str(path)!r} cannot be read: not a PyTorch checkpoint. {hint}") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not weights-only: loading it would run code it names "
+            f"({found.group(1)}). Files are loaded weights-only. HINT: re-save it with plain tensors and primitive "
+            "hyperparameters, or load it yourself if you trust it."
+        ) from None
+    except Exception as err:  # truncated zip, not a torch file, unreadable
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {_first_line(err)}. {hint}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (it has no 'state_dict'). {hint}")
+    return checkpoint
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]

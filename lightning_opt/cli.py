@@ -10,15 +10,20 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_opt._utils import load_checkpoint, local_log_dir
 from lightning_opt.reporting import CompressionReport
 
 __all__ = ["EXTRA_COMMANDS", "LightningOptCLI", "build_from_config", "main"]
@@ -42,12 +47,139 @@ _DESCRIPTION = (
 )
 
 
+#: Errors that mean the input (recipe, override, checkpoint, output folder) is wrong: one message, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    MisconfigurationException,
+)
+
+
+def debug_enabled(argv: Sequence[str] = ()) -> bool:
+    """Whether tracebacks are wanted: ``--debug`` on the command line or ``LIGHTNING_OPT_DEBUG=1``."""
+    return "--debug" in argv or os.environ.get("LIGHTNING_OPT_DEBUG", "") not in ("", "0", "false")
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` reports bad input rather than a bug: a :data:`USER_ERRORS` type, a quantization refusal, or a
+    checkpoint whose tensors do not fit the model."""
+    if isinstance(err, USER_ERRORS):
+        return True
+    name = type(err).__name__
+    return name == "QuantizationExportError" or str(err).startswith("Error(s) in loading state_dict")
+
+
+def error_message(err: BaseException) -> str:
+    """The message of a user error, without the quotes ``KeyError`` adds."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err) or type(err).__name__
+
+
+def _union_bullets(lines: list[str]) -> list[list[str]]:
+    """The "- ..." items of the first bullet level of a jsonargparse union report, each with its continuation lines."""
+    bullets: list[list[str]] = []
+    indent: int | None = None
+    for line in lines:
+        stripped = line.lstrip()
+        if not stripped:
+            continue
+        depth = len(line) - len(stripped)
+        if stripped.startswith("- ") and (indent is None or depth == indent):
+            indent = depth
+            bullets.append([stripped[2:]])
+        elif bullets and indent is not None and depth > indent:
+            bullets[-1].append(stripped)
+        elif bullets and indent is not None and depth <= indent:
+            break
+    return bullets
+
+
+def _score(bullet: list[str]) -> int:
+    text = " ".join(bullet)
+    if "`" in text or "HINT" in text:
+        return 4  # the project's own validation message
+    if re.search(r"class_path '(lightning\.Callback|lightning\.pytorch\.callbacks\.callback\.Callback)'", text):
+        return 0  # the union's generic base class: never what the user meant
+    if "Got value" in text or "has no attribute" in text or "not accessible" in text:
+        return 3
+    if "is not accepted" in text or "Problem with given class_path" in text:
+        return 2
+    if re.fullmatch(r"Expected a <class '[\w.]+'>", text.strip()) or "Not a valid subclass" in text:
+        return 0
+    return 1
+
+
+def concise_message(message: str) -> str:
+    """Condense jsonargparse's "does not validate against any of the Union subtypes" report to its one relevant item.
+
+    The report lists one item per type of the union it tried; the item that names the user's own class or our own
+    validation message (backticks, a HINT) is kept with the key, the rest (``Expected a <class 'NoneType'>``, the
+    generic base class) is dropped.
+
+    Example:
+        >>> report = "\\n".join([
+        ...     'Parser key "trainer.callbacks":',
+        ...     "  Does not validate against any of the Union subtypes",
+        ...     "  Errors:",
+        ...     "    - Problem with given class_path 'my.Pruning':",
+        ...     '        Parser key "granularity": Expected a Literal. Got value: block',
+        ...     "    - Expected a <class 'NoneType'>",
+        ...     "  Given value: block",
+        ... ])
+        >>> print(concise_message(report))  # doctest: +NORMALIZE_WHITESPACE
+        Parser key "trainer.callbacks": Problem with given class_path 'my.Pruning':
+        Parser key "granularity": Expected a Literal. Got value: block
+    """
+    if "Does not validate against any of" not in message:
+        return message
+    lines = message.splitlines()
+    head = lines[0].strip() if not lines[0].lstrip().startswith("Does not validate") else ""
+    bullets = _union_bullets(lines)
+    best = max(bullets, key=_score, default=None)
+    if best is None or _score(best) == 0:
+        expected = re.findall(r"Expected a <class '([\w.]+)'>", message)
+        given = re.search(r"Given value: (.*)", message)
+        detail = f"expected {' or '.join(dict.fromkeys(expected))}" if expected else "invalid value"
+        if given:
+            detail += f", got {given.group(1).strip()}"
+        return f"{head} {detail}".strip()
+    if any(part.startswith("Does not validate against any of") for part in best[1:]):  # a union inside the item
+        return concise_message("\n".join([f"{head} {best[0]}".strip(), *("  " + part for part in best[1:])]))
+    items = [part[2:] for part in best[1:] if part.startswith("- ")]  # a nested list of tried types: keep the best
+    if items:
+        best = [part for part in best if not part.startswith("- ")] + [max(items, key=lambda i: _score([i]))]
+    nested = " ".join(part for part in best if part)
+    nested = re.sub(r"^Problem with given class_path '[^']+':\s*(`)", r"\1", nested)  # our message names the key
+    return f"{head} {nested}".strip() if "`" not in nested else nested
+
+
 class SuggestingArgumentParser(LightningArgumentParser):
-    """A LightningCLI parser whose errors for unknown keys name the key and suggest the closest valid ones."""
+    """A LightningCLI parser whose errors for unknown keys name the key and suggest the closest valid ones.
+
+    A usage error is one message on stderr (the key, what is wrong, the closest valid keys) and exit code 2, not the
+    whole usage text; ``--help`` lists the keys. Keys are never abbreviated (``--trainer.max_epoch`` is an error, not
+    ``max_epochs``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
         hint = self._suggest(message)
-        super().error(message + hint, ex)  # type: ignore[call-arg]
+        if not self.exit_on_error or debug_enabled():  # jsonargparse probing a type, or a traceback was asked for
+            super().error(message + hint, ex)  # type: ignore[call-arg]
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        text = concise_message(message.strip())
+        sys.stderr.write(f"{prog}: error: {text}{hint}\nRun `{prog} --help` for the accepted keys.\n")
+        raise SystemExit(2)
 
     def _valid_keys(self) -> list[str]:
         keys: list[str] = []
@@ -64,9 +196,10 @@ class SuggestingArgumentParser(LightningArgumentParser):
 
     def _suggest(self, message: str) -> str:
         hints = []
-        for key in dict.fromkeys(
-            re.findall(r"does not accept option '([^']+)'|[Kk]ey '([^']+)' is not expected", message)
-        ):
+        unknown = re.findall(r"does not accept option '([^']+)'|[Kk]ey '([^']+)' is not expected", message)
+        for given in re.findall(r"unrecognized arguments: (.+)", message):
+            unknown += [(word.lstrip("-").split("=", 1)[0], "") for word in given.split() if word.startswith("--")]
+        for key in dict.fromkeys(unknown):
             name = next(k for k in key if k)
             close = difflib.get_close_matches(name, list(dict.fromkeys(self._valid_keys())), n=3, cutoff=0.6)
             hints.append(self._hint(name, close))
@@ -120,7 +253,40 @@ class LightningOptCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError, TypeError) as err:
             parser = self._parser(self.subcommand)
-            parser.error(f"invalid configuration: {err}")
+            parser.error(f"invalid configuration: {concise_message(str(err))}")
+
+    #: The CLI whose subcommand is running (its run folder is removed when it fails before training).
+    active: LightningOptCLI | None = None
+
+    def _enter_run(self) -> None:
+        """Note the run folder this run will create, and check the checkpoint to resume from, before anything runs."""
+        LightningOptCLI.active = self
+        run_dir = Path(local_log_dir(self.trainer)).resolve()
+        self.new_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint(ckpt_path)  # missing, truncated, not weights-only, not a checkpoint: one clear error
+
+    def remove_new_run_dir(self) -> Path | None:
+        """Delete the outermost folder this run created (called when it failed before its first training step)."""
+        created = [p for p in getattr(self, "new_dirs", []) if p.exists()]
+        if not created:
+            return None
+        shutil.rmtree(created[-1], ignore_errors=True)
+        return created[-1]
+
+    def before_fit(self) -> None:
+        self._enter_run()
+
+    def before_validate(self) -> None:
+        self._enter_run()
+
+    def before_test(self) -> None:
+        self._enter_run()
+
+    def before_predict(self) -> None:
+        self._enter_run()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CompressionReport, "report")
@@ -160,18 +326,88 @@ def build_from_config(args: Sequence[str] | dict[str, Any], **kwargs: Any) -> Li
         return LightningOptCLI(args=args if isinstance(args, dict) else list(args), run=False, **kwargs)
 
 
+def check_recipe_file(path: str) -> None:
+    """Fail with the file, line and column when a recipe is missing, not a file, or not valid YAML.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if it is a folder or its YAML does not parse.
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(
+            f"recipe {path!r} does not exist. HINT: recipes live under recipes/, e.g. recipes/quickstart.yaml."
+        )
+    if not file.is_file():
+        raise ValueError(f"recipe {path!r} is not a file.")
+    try:
+        content = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"recipe {path!r} is not valid YAML{where}: {problem}.") from None
+    if content is not None and not isinstance(content, dict):
+        raise ValueError(
+            f"recipe {path!r} must hold a mapping of keys (model:, data:, trainer:...), got a {type(content).__name__}."
+        )
+
+
+def _option_values(args: Sequence[str], option: str) -> list[str]:
+    """The values given to ``option`` on a command line (``--opt value`` and ``--opt=value``)."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(option + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightning-opt`` console script; returns the exit code."""
+    """Entry point of the ``lightning-opt`` console script; returns the exit code.
+
+    Bad input of any kind (an unknown key, a wrong value, a missing or unreadable checkpoint, an unwritable folder, a
+    technique that refuses the model at setup) ends with one message on stderr and exit code 2 (``SystemExit(2)``),
+    without a traceback (``--debug`` or ``LIGHTNING_OPT_DEBUG=1`` shows it); a run that fails before its first
+    training step leaves no run folder behind.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXTRA_COMMANDS:
-        module_name, _, function_name = EXTRA_COMMANDS[args[0]].partition(":")
-        function = getattr(importlib.import_module(module_name), function_name)
-        function(args[1:])
+    debug = debug_enabled(args)
+    args = [a for a in args if a != "--debug"]
+    LightningOptCLI.active = None
+    try:
+        for config_path in _option_values(args, "--config") + _option_values(args, "-c"):
+            check_recipe_file(config_path)
+        for ckpt_path in _option_values(args, "--ckpt_path") + _option_values(args, "--ckpt"):
+            if ckpt_path not in ("last", "best", "hpc", "registry"):
+                load_checkpoint(ckpt_path)  # LightningCLI reads it while parsing: check it first, with a clear error
+        if args and args[0] in EXTRA_COMMANDS:
+            module_name, _, function_name = EXTRA_COMMANDS[args[0]].partition(":")
+            function = getattr(importlib.import_module(module_name), function_name)
+            function(args[1:])
+            return 0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+            LightningOptCLI(args=args)
         return 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-        LightningOptCLI(args=None if argv is None else args)
-    return 0
+    except Exception as err:
+        if debug or not is_user_error(err):
+            raise
+        command = f"lightning-opt {args[0]}" if args and not args[0].startswith("-") else "lightning-opt"
+        cli = LightningOptCLI.active
+        trained = cli is not None and getattr(cli, "trainer", None) is not None and cli.trainer.global_step > 0
+        removed = None if trained or cli is None else cli.remove_new_run_dir()
+        message = error_message(err)
+        sys.stderr.write(f"{command}: error: {message}\n")
+        if removed:
+            sys.stderr.write(f"(nothing was trained; removed the run folder {removed})\n")
+        sys.stderr.write("Run with --debug (or LIGHTNING_OPT_DEBUG=1) for the traceback.\n")
+        raise SystemExit(2) from None
+    finally:
+        LightningOptCLI.active = None
 
 
 if __name__ == "__main__":

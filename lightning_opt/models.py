@@ -14,6 +14,18 @@ from torch import nn
 __all__ = ["BUILTIN_BACKBONES", "MLP", "SmallCNN", "TinyResNet", "build_backbone", "list_backbones"]
 
 
+def _widths(value: Sequence[int], name: str, allow_empty: bool = False) -> list[int]:
+    """``value`` as a list of positive ints, or a ValueError naming ``name`` and the value (a string is no list)."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str | bytes)
+    values = list(value) if ok else []
+    if not ok or (not values and not allow_empty) or any(type(v) is not int or v <= 0 for v in values):
+        raise ValueError(
+            f"`{name}` must be a {'' if allow_empty else 'non-empty '}list of positive ints, got {value!r}. "
+            "HINT: e.g. [16, 32]."
+        )
+    return values
+
+
 def _as_list(value: int | Sequence[int], length: int, name: str) -> list[int]:
     if isinstance(value, int):
         return [value] * length
@@ -58,9 +70,7 @@ class SmallCNN(nn.Module):
         pool_every: int = 1,
     ) -> None:
         super().__init__()
-        channels = list(channels)
-        if not channels or any(c <= 0 for c in channels):
-            raise ValueError(f"`channels` must be a non-empty list of positive ints, got {channels}.")
+        channels = _widths(channels, "channels")
         kernels = _as_list(kernel_sizes, len(channels), "kernel_sizes")
         if any(k <= 0 or k % 2 == 0 for k in kernels):
             raise ValueError(f"`kernel_sizes` must be odd positive ints (to keep the spatial size), got {kernels}.")
@@ -107,9 +117,7 @@ class MLP(nn.Module):
         self, in_features: int = 64, num_classes: int = 10, hidden: Sequence[int] = (128,), dropout: float = 0.0
     ) -> None:
         super().__init__()
-        hidden = list(hidden)
-        if any(h <= 0 for h in hidden):
-            raise ValueError(f"`hidden` must hold positive widths, got {hidden}.")
+        hidden = _widths(hidden, "hidden", allow_empty=True)
         layers: list[nn.Module] = [nn.Flatten()]
         prev = in_features
         for h in hidden:
@@ -169,8 +177,8 @@ class TinyResNet(nn.Module):
         blocks_per_stage: int = 1,
     ) -> None:
         super().__init__()
-        widths = list(widths)
-        if not widths or any(w <= 0 for w in widths) or blocks_per_stage < 1:
+        widths = _widths(widths, "widths")
+        if blocks_per_stage < 1:
             raise ValueError(
                 "`widths` must be non-empty positive ints and `blocks_per_stage` >= 1,"
                 f" got {widths} and {blocks_per_stage}."

@@ -29,6 +29,8 @@ def test_small_cnn_depth_widths_kernels(kwargs, input_shape):
     [
         ({"channels": []}, "`channels` must be a non-empty"),
         ({"channels": [8, 0]}, "`channels` must be a non-empty"),
+        ({"channels": "abc"}, "`channels` must be a non-empty list of positive ints, got 'abc'"),
+        ({"channels": [8, 2.5]}, "`channels` must be a non-empty list of positive ints"),
         ({"channels": [8, 8], "kernel_sizes": [3]}, "`kernel_sizes` must be an int or a list of 2"),
         ({"kernel_sizes": 4}, "`kernel_sizes` must be odd"),
     ],
@@ -42,7 +44,7 @@ def test_mlp_depth_and_widths():
     model = MLP(in_features=64, num_classes=3, hidden=[32, 16])
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [(layer.in_features, layer.out_features) for layer in linears] == [(64, 32), (32, 16), (16, 3)]
-    with pytest.raises(ValueError, match="`hidden` must hold positive widths"):
+    with pytest.raises(ValueError, match="`hidden` must be a list of positive ints, got \\[0\\]"):
         MLP(hidden=[0])
 
 
@@ -50,7 +52,7 @@ def test_tiny_resnet_has_residual_blocks_and_downsamples():
     model = TinyResNet(widths=[8, 16], blocks_per_stage=2)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) >= 8
-    with pytest.raises(ValueError, match="`widths` must be non-empty"):
+    with pytest.raises(ValueError, match="`widths` must be a non-empty list of positive ints"):
         TinyResNet(widths=[])
 
 

@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -531,10 +532,17 @@ def run_search(
     search = _Search(recipe, cfg, verbose, console)
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+    run_dir = cfg.run_dir.resolve()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        search.validate()
-        study = search.open_study()
+        try:
+            search.validate()
+            study = search.open_study()
+        except BaseException:
+            if created:  # nothing ran: leave no half-made run folder behind
+                shutil.rmtree(created[-1], ignore_errors=True)
+            raise
         search.loop(study)
         return write_outputs(study, cfg, recipe, console)
     finally:
