@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,18 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-__all__ = ["ChannelGroups", "load_pruned", "save_pruned"]
+from lightning_opt import inputs
+
+__all__ = ["ChannelGroups", "UnsupportedModelError", "load_pruned", "output_error", "rehearse_removal", "save_pruned"]
+
+
+class UnsupportedModelError(ValueError):
+    """Torch-Pruning cannot build the dependency graph of the model (an internal error while tracing it)."""
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -42,6 +54,12 @@ def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str
     if not own:
         return []
     kind = type(getattr(handler, "__self__", None)).__name__
+    if _is_hf_conv1d(module):  # weight (in, out)
+        if is_out:
+            return [("weight", 1)] + ([("bias", 0)] if getattr(module, "bias", None) is not None else [])
+        return [("weight", 0)]
+    if isinstance(module, nn.Embedding):  # embedding vectors are the hidden channels
+        return [("weight", 1)]
     if isinstance(module, (*_CONV, nn.Linear)):
         depthwise = "Depthwise" in kind
         if is_out or depthwise:
@@ -55,10 +73,29 @@ def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str
         return [("weight", 0)]
     if isinstance(module, _PER_CHANNEL) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1):
         return [(n, 0) for n in own]
-    raise NotImplementedError(
-        f"channel pruning does not know how to mask the parameters of {type(module).__name__} "
-        f"(coupled to a pruned channel). HINT: add its producing layers to `exclude`."
-    )
+    return []  # parameters not masked: the removal rehearsal (`rehearse_removal`) finds out whether that matters
+
+
+def _culprits(err: BaseException, names: Mapping[nn.Module, str]) -> list[str]:
+    """The layers next to where Torch-Pruning failed: the module nodes feeding the graph node it was processing."""
+    tb = err.__traceback__
+    node = None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node", node)
+        tb = tb.tb_next
+    found: list[str] = []
+    stack, seen = [node] if node is not None else [], set()
+    while stack and len(found) < 3:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        module = getattr(n, "module", None)
+        if isinstance(module, nn.Module) and module in names:
+            found.append(names[module])
+            continue
+        stack.extend(getattr(n, "inputs", []))
+    return found
 
 
 class ChannelGroups:
@@ -71,21 +108,46 @@ class ChannelGroups:
     Args:
         model: the model (the LightningModule) to trace.
         roots: ``{name: module}`` allowed as pruning roots; others (and output layers) are not pruned.
-        example_inputs: an input for one forward pass.
+        example_inputs: an input for one forward pass: a tensor, a tuple of positional inputs or a dict of keyword
+            inputs (:mod:`lightning_opt.inputs`).
+        graph_kwargs: more keyword arguments of ``tp.DependencyGraph().build_dependency`` (``customized_pruners``,
+            ``unwrapped_parameters``...).
 
     Raises:
+        UnsupportedModelError: if Torch-Pruning fails while tracing the model (the message names the layers next to
+            where it failed).
         ValueError: if no group can be pruned.
     """
 
-    def __init__(self, model: nn.Module, roots: Mapping[str, nn.Module], example_inputs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        roots: Mapping[str, nn.Module],
+        example_inputs: Any,
+        graph_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         modes = {m: m.training for m in model.modules()}
+        module_names = {m: n for n, m in model.named_modules()}
+        self.model = model
         try:
             with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model,
+                    example_inputs=example_inputs,
+                    forward_fn=lambda m, x: inputs.call(m, x),
+                    verbose=False,
+                    **dict(graph_kwargs or {}),
+                )
+        except Exception as err:
+            near = _culprits(err, module_names)
+            raise UnsupportedModelError(
+                f"Torch-Pruning cannot trace {type(model).__name__} for channel pruning: {type(err).__name__}: {err} "
+                f"(near layers {near}). HINT: prune this model with granularity='unstructured' or 'nm'; channel "
+                f"pruning of this architecture is not supported."
+            ) from err
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        module_names = {m: n for n, m in model.named_modules()}
         root_set = {id(m) for m in roots.values()}
         prunable_types = _CONV + _CONV_T + (nn.Linear,)
         outputs = [m for m, node in self.dg.module2node.items() if isinstance(m, nn.Module) and not node.outputs]
@@ -103,7 +165,7 @@ class ChannelGroups:
                 root=root,
                 handler=group[0].dep.handler,
                 channels=len(group[0].idxs),
-                out_dim=1 if isinstance(root, _CONV_T) else 0,
+                out_dim=1 if isinstance(root, _CONV_T) or _is_hf_conv1d(root) else 0,
             )
             for item in group.items:
                 mod = item.dep.target.module
@@ -182,14 +244,120 @@ class ChannelGroups:
         Returns:
             The number of channels removed.
         """
-        removed = 0
-        for gname, g in self.groups.items():
-            idxs = torch.nonzero(~keeps[gname].cpu()).flatten().tolist()
-            if not idxs:
-                continue
+        return sum(self.remove_group(gname, keeps[gname]) for gname in self.groups if gname in keeps)
+
+    @torch.no_grad()
+    def remove_group(self, name: str, keep: Tensor) -> int:
+        """Physically remove the pruned channels of one group.
+
+        Args:
+            name: group name.
+            keep: bool keep per channel.
+
+        Returns:
+            The number of channels removed.
+        """
+        g = self.groups[name]
+        idxs = torch.nonzero(~keep.cpu()).flatten().tolist()
+        if idxs:
             self.dg.get_pruning_group(g.root, g.handler, idxs).prune()
-            removed += len(idxs)
-        return removed
+        return len(idxs)
+
+
+def output_error(reference: Any, output: Any) -> tuple[float, float]:
+    """``(max abs difference, tolerance)`` between two model outputs (tensors, tuples, dicts, model outputs).
+
+    The tolerance is ``1e-4`` times the reference's largest magnitude (at least ``1e-4``): float32 reordering stays far
+    below it, a removed channel that mattered does not. Outputs of different structure or shape give ``inf``.
+    """
+    ref, out = inputs.flat_tensors(reference), inputs.flat_tensors(output)
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        return float("inf"), 0.0
+    err, scale = 0.0, 1.0
+    for a, b in zip(ref, out):
+        if torch.is_floating_point(a):
+            err = max(err, float((a.float() - b.float()).abs().max())) if a.numel() else err
+            scale = max(scale, float(a.abs().max())) if a.numel() else scale
+        elif not torch.equal(a, b):
+            err = float("inf")
+    return err, 1e-4 * scale
+
+
+def rehearsal_keeps(groups: ChannelGroups, fraction: float = 0.25) -> dict[str, Tensor]:
+    """Keep vectors that drop every ``round(1 / fraction)``-th channel of every group (at least one, never all)."""
+    step = max(2, round(1 / fraction))
+    keeps = {}
+    for name, g in groups.groups.items():
+        keep = torch.ones(g.channels, dtype=torch.bool)
+        keep[1::step] = False
+        if keep.all():
+            keep[-1] = g.channels < 2
+        keeps[name] = keep
+    return keeps
+
+
+@torch.no_grad()
+def rehearse_removal(
+    model: nn.Module,
+    roots: Mapping[str, nn.Module],
+    example_inputs: Any,
+    graph_kwargs: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+    after_removal: Callable[[nn.Module], None] | None = None,
+    fraction: float = 0.25,
+) -> dict[str, str]:
+    """Try channel removal on copies of ``model``: which groups cannot be removed without changing the outputs.
+
+    Each pass deep-copies the model, masks a ``fraction`` of the channels of every group still believed removable,
+    records the masked model's outputs on ``example_inputs`` (eval mode), then removes the groups one by one and
+    compares the outputs after each removal (:func:`output_error`). The first group whose removal raises or changes
+    the outputs is recorded and the pass restarts without it, until a pass removes all the rest cleanly.
+
+    Args:
+        model: the model (never modified).
+        roots: ``{name: module of model}`` allowed as roots.
+        example_inputs: the example (tensor, tuple or dict).
+        graph_kwargs: a function giving the extra ``build_dependency`` arguments for a copy of the model.
+        after_removal: called on the copy after each group's removal (e.g. to update head counts).
+        fraction: share of channels masked per group.
+
+    Returns:
+        ``{group name: reason}`` of the groups that cannot be removed (empty when all can).
+
+    Raises:
+        UnsupportedModelError: if Torch-Pruning cannot trace the model at all.
+        ValueError: if no group can be pruned.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    root_names = [names[id(m)] for m in roots.values()]
+    bad: dict[str, str] = {}
+    while True:
+        work = copy.deepcopy(model).eval()
+        modules = dict(work.named_modules())
+        work_roots = {n: modules[n] for n in root_names if n not in bad}
+        if not work_roots:
+            return bad
+        groups = ChannelGroups(work, work_roots, example_inputs, graph_kwargs(work) if graph_kwargs else None)
+        keeps = rehearsal_keeps(groups, fraction)
+        params = dict(work.named_parameters())
+        for n, mk in groups.param_masks(keeps, params).items():
+            params[n].mul_(mk)
+        reference = inputs.call(work, example_inputs)
+        failed = None
+        for gname in groups.groups:
+            try:
+                groups.remove_group(gname, keeps[gname])
+                if after_removal is not None:
+                    after_removal(work)
+                err, tol = output_error(reference, inputs.call(work, example_inputs))
+            except Exception as e:  # any failure of the removal or of the thinner model's forward pass
+                failed = (gname, f"removal fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                break
+            if not err <= tol:
+                failed = (gname, f"outputs change by {err:.3g} (tolerance {tol:.2g}) once its channels are removed")
+                break
+        if failed is None:
+            return bad
+        bad[failed[0]] = failed[1]
 
 
 def save_pruned(model: nn.Module, path: str | Path) -> None:
