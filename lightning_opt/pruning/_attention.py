@@ -127,6 +127,68 @@ class Conv1DPruner(BasePruningFunc):
         return int(layer.nx)
 
 
+class GPT2AttentionPruner(BasePruningFunc):
+    """Torch-Pruning pruner for Hugging Face GPT-2 attention (fused ``c_attn`` Conv1D, split along the last dim).
+
+    Torch-Pruning maps a ``split`` only along dim 1, so through ``c_attn(x).split(split_size, dim=2)`` it would couple
+    all ``3 * inner`` outputs of ``c_attn`` to ``c_proj``'s ``inner`` inputs. The attention is therefore one opaque
+    node: ``prune_out_channels``/``prune_in_channels`` prune the hidden size it reads and writes (``c_attn`` inputs,
+    ``c_proj`` outputs), :meth:`prune_heads` removes inner channels (whole heads) of q, k, v and ``c_proj``'s inputs and
+    updates ``num_heads`` and ``split_size``.
+    """
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove hidden channels ``idxs`` (inputs of ``c_attn``, outputs of ``c_proj``)."""
+        Conv1DPruner().prune_in_channels(layer.c_attn, idxs)
+        Conv1DPruner().prune_out_channels(layer.c_proj, idxs)
+        layer.embed_dim = int(layer.c_proj.nf)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove inner channels ``idxs`` in ``[0, num_heads * head_dim)``, which must form whole heads.
+
+        Raises:
+            ValueError: if ``idxs`` do not form whole heads.
+        """
+        if not idxs:
+            return layer
+        head_dim = int(layer.head_dim)
+        inner = int(layer.num_heads) * head_dim
+        drop, dropped_heads = _whole_heads(idxs, head_dim)
+        Conv1DPruner().prune_out_channels(layer.c_attn, [i + k * inner for k in range(3) for i in drop])
+        Conv1DPruner().prune_in_channels(layer.c_proj, drop)
+        layer.num_heads = int(layer.num_heads) - len(dropped_heads)
+        layer.split_size = layer.num_heads * head_dim
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        """Hidden size."""
+        return int(layer.c_proj.nf)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        """Hidden size."""
+        return int(layer.c_attn.nx)
+
+    def get_head_channels(self, layer: nn.Module) -> int:
+        """Inner channels (``num_heads * head_dim``)."""
+        return int(layer.num_heads) * int(layer.head_dim)
+
+
+def _whole_heads(idxs: Sequence[int], head_dim: int) -> tuple[list[int], list[int]]:
+    drop = sorted(set(int(i) for i in idxs))
+    heads = sorted({i // head_dim for i in drop})
+    if len(drop) != len(heads) * head_dim:
+        raise ValueError(
+            f"`idxs` must cover whole heads of {head_dim} channels, got {len(drop)} channels over heads {heads}. "
+            "HINT: select channels with `head_slices`."
+        )
+    return drop, heads
+
+
 class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
     """Torch-Pruning pruner for ``nn.MultiheadAttention`` that can also remove whole heads.
 
@@ -148,13 +210,7 @@ class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
             return layer
         head_dim, heads = int(layer.head_dim), int(layer.num_heads)
         inner = head_dim * heads
-        drop = sorted(set(int(i) for i in idxs))
-        dropped_heads = sorted({i // head_dim for i in drop})
-        if len(drop) != len(dropped_heads) * head_dim:
-            raise ValueError(
-                f"`idxs` must cover whole heads of {head_dim} channels, got {len(drop)} channels over heads "
-                f"{dropped_heads}. HINT: select channels with `head_slices`."
-            )
+        drop, dropped_heads = _whole_heads(idxs, head_dim)
         keep = _keep(inner, drop)
         keep3 = keep + [i + inner for i in keep] + [i + 2 * inner for i in keep]
         assert layer.in_proj_weight is not None
@@ -283,11 +339,6 @@ class AttentionSpec:
     head_dim: int
     qkv: list[nn.Module]
 
-    @property
-    def fused(self) -> bool:
-        """Whether q, k and v come from one layer (its outputs are ``[q | k | v]``)."""
-        return len(self.qkv) == 1 and self.kind != "mha"
-
 
 @dataclass
 class TPConfig:
@@ -341,8 +392,25 @@ class TPConfig:
         return None
 
 
+#: Attention kinds whose heads are a group of the attention module itself (handler ``prune_heads``).
+_MODULE_LEVEL = ("mha", "gpt2")
+
+
 def _forward(model: nn.Module, example: Any) -> Any:
-    return inputs.call(model, example)
+    """Call the model on an example for tracing, with Hugging Face key/value caches off.
+
+    A cache concatenates each key/value onto an empty tensor, a concatenation Torch-Pruning cannot map (it fails with
+    ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs.
+    """
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {k: c.use_cache for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c.use_cache = False
+        return inputs.call(model, example)
+    finally:
+        for k, c in configs.items():
+            c.use_cache = saved[k]
 
 
 def _conv1d_type() -> type | None:
@@ -431,6 +499,8 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
     for spec in config.attention.values():
         for layer in spec.qkv:
             config.num_heads[layer] = spec.num_heads
+        if spec.kind == "gpt2":
+            config.customized_pruners[type(spec.module)] = GPT2AttentionPruner()
     config.unwrapped_parameters = _unwrapped(model)
     config.ignored.update(refused)
     config.ignored.update(_inconsistent_groups(model, example_inputs, config))
@@ -527,10 +597,10 @@ def extra_groups(config: TPConfig, dg: tp.DependencyGraph) -> list[tp.Group]:
     """
     groups = []
     for spec in config.attention.values():
-        if spec.kind != "mha" or spec.module not in dg.module2node:
+        if spec.kind not in _MODULE_LEVEL or spec.module not in dg.module2node:
             continue
         pruner = dg.get_pruner_of_module(spec.module)
-        assert isinstance(pruner, MultiheadAttentionHeadPruner)
+        assert isinstance(pruner, (MultiheadAttentionHeadPruner, GPT2AttentionPruner))
         n = pruner.get_head_channels(spec.module)
         groups.append(dg.get_pruning_group(spec.module, pruner.prune_heads, list(range(n))))
     return groups
@@ -560,16 +630,16 @@ def head_slices(config: TPConfig, group: tp.Group) -> Tensor | None:
         if spec is None:
             continue
         handler_name = getattr(item.dep.handler, "__name__", "")
-        if spec.kind == "mha":
-            if handler_name != "prune_heads":
+        if spec.kind in _MODULE_LEVEL:
+            if mod is not spec.module or handler_name != "prune_heads":
                 continue
-        elif not group._DG.is_out_channel_pruning_fn(item.dep.handler) or mod is spec.module:
+        elif mod is spec.module or not group._DG.is_out_channel_pruning_fn(item.dep.handler):
             continue
         heads = torch.full((n,), -1, dtype=torch.long)
         root_pos = {int(r): i for i, r in enumerate(root_idxs)}
         inner = _inner(spec)
         for idx, ridx in zip(item.idxs, item.root_idxs):
-            channel = int(idx) % inner if spec.fused else int(idx)
+            channel = int(idx) % inner if spec.kind == "timm" else int(idx)
             heads[root_pos[int(ridx)]] = channel // spec.head_dim
         return heads
     return None
@@ -615,6 +685,12 @@ def param_slices(
         if name == "prune_out_channels":
             return [("weight", 1, idx), ("bias", 0, idx)]
         return [("weight", 0, idx)]
+    if isinstance(getattr(module, "c_attn", None), conv1d or ()) and hasattr(module, "split_size"):
+        if name == "prune_heads":
+            inner = int(module.num_heads) * int(module.head_dim)
+            cols = torch.cat([idx, idx + inner, idx + 2 * inner])
+            return [("c_attn.weight", 1, cols), ("c_attn.bias", 0, cols), ("c_proj.weight", 0, idx)]
+        return [("c_attn.weight", 0, idx), ("c_proj.weight", 1, idx), ("c_proj.bias", 0, idx)]
     if isinstance(module, nn.MultiheadAttention):
         if name == "prune_heads":
             inner = int(module.num_heads) * int(module.head_dim)
@@ -648,8 +724,6 @@ def after_removal(model: nn.Module, config: TPConfig) -> None:
     del model  # the specs hold the modules
     for spec in config.attention.values():
         m = spec.module
-        if spec.kind == "mha":
-            continue
         if spec.kind == "bert" and len({layer.out_features for layer in spec.qkv}) != 1:
             raise RuntimeError(
                 f"{spec.name}: query/key/value have {[layer.out_features for layer in spec.qkv]} outputs after "
