@@ -1,0 +1,745 @@
+"""Attention- and block-aware settings for Torch-Pruning: whole heads as units, Conv1D, MultiheadAttention, exclusions.
+
+Torch-Pruning's dependency graph couples channels correctly through most layers, but on transformers and some CNNs a
+plain channel is not a unit that can be removed: a channel of a query projection belongs to a head whose size the
+attention's ``forward`` reshapes by, Hugging Face ``Conv1D`` stores its weight transposed, ``nn.MultiheadAttention``
+projects q/k/v inside one module, and a LayerNorm over the pruned channels normalises a masked channel differently
+from a removed one. :func:`transformer_config` inspects a model once and returns a :class:`TPConfig` that says how to
+build the graph (customized pruners, unwrapped parameters, extra root types), which groups are attention heads
+(:func:`head_slices`; extra head groups Torch-Pruning cannot discover: :func:`extra_groups`), which parameters a
+channel lives in for layers the graph does not describe by itself (:func:`param_slices`), and which layers must stay
+as they are, with the reason (:attr:`TPConfig.ignored`). After the groups are removed, :func:`after_removal` updates
+the head counts and sizes the attention ``forward`` methods read.
+
+How :class:`~lightning_opt.pruning._channel.ChannelGroups` uses it:
+
+1. ``config = transformer_config(model, example_inputs)`` and
+   ``dg = tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())``.
+2. ``ignored_layers`` += ``config.ignored_modules(model)``, ``root_module_types`` += ``config.root_module_types``;
+   groups are ``dg.get_all_groups(...)`` plus ``extra_groups(config, dg)``.
+3. For each group, ``head_slices(config, group)`` is ``None`` (score and mask channels one by one) or a tensor giving
+   the head of every root channel: score heads as units (sum of the channel scores of the head) and keep or drop
+   all channels of a head together (``-1``: a channel of no head, which is kept).
+4. Masks: for a group item whose module the channel code does not know, ``param_slices(config, module, handler,
+   idxs)`` gives ``(parameter name, dim, indices)`` to zero.
+5. At fit end: ``dg.get_pruning_group(root, handler, idxs).prune()`` for each group, then
+   ``after_removal(model, config)``.
+
+Example:
+    >>> import torch, torch_pruning as tp
+    >>> from torch import nn
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+    ...     def forward(self, x):
+    ...         return self.attn(x, x, x, need_weights=False)[0]
+    >>> model, x = Block(), torch.randn(2, 5, 64)
+    >>> config = transformer_config(model, x)
+    >>> dg = tp.DependencyGraph().build_dependency(model, x, **config.graph_kwargs())
+    >>> [group] = extra_groups(config, dg)
+    >>> head_slices(config, group).tolist()[::16]
+    [0, 1, 2, 3]
+    >>> dg.get_pruning_group(model.attn, group[0].dep.handler, list(range(16, 48))).prune()
+    >>> after_removal(model, config)
+    >>> model.attn.num_heads, tuple(model.attn.in_proj_weight.shape), model(x).shape
+    (2, (96, 64), torch.Size([2, 5, 64]))
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch_pruning.pruner.function import BasePruningFunc, MultiheadAttentionPruner
+
+from lightning_opt import inputs
+
+__all__ = [
+    "AttentionSpec",
+    "Conv1DPruner",
+    "MultiheadAttentionHeadPruner",
+    "PrunedMultiheadAttention",
+    "TPConfig",
+    "after_removal",
+    "extra_groups",
+    "head_slices",
+    "param_slices",
+    "transformer_config",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pruners for layers Torch-Pruning does not know
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _keep(n: int, idxs: Sequence[int]) -> list[int]:
+    drop = set(int(i) for i in idxs)
+    return [i for i in range(n) if i not in drop]
+
+
+def _select(param: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
+    index = torch.as_tensor(keep, dtype=torch.long, device=param.device)
+    out = nn.Parameter(torch.index_select(param.data, dim, index), requires_grad=param.requires_grad)
+    if param.grad is not None:
+        out.grad = torch.index_select(param.grad, dim, index)
+    return out
+
+
+class Conv1DPruner(BasePruningFunc):
+    """Torch-Pruning pruner for Hugging Face ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``.
+
+    Out channels are the weight's dim 1 and the bias; in channels the weight's dim 0. ``nf``/``nx`` are updated.
+    """
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove output features ``idxs``."""
+        keep = _keep(int(layer.nf), idxs)
+        layer.weight = _select(layer.weight, keep, 1)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = _select(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove input features ``idxs``."""
+        keep = _keep(int(layer.nx), idxs)
+        layer.weight = _select(layer.weight, keep, 0)
+        layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        """Output features."""
+        return int(layer.nf)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        """Input features."""
+        return int(layer.nx)
+
+
+class GPT2AttentionPruner(BasePruningFunc):
+    """Torch-Pruning pruner for Hugging Face GPT-2 attention (fused ``c_attn`` Conv1D, split along the last dim).
+
+    Torch-Pruning maps a ``split`` only along dim 1, so through ``c_attn(x).split(split_size, dim=2)`` it would couple
+    all ``3 * inner`` outputs of ``c_attn`` to ``c_proj``'s ``inner`` inputs. The attention is therefore one opaque
+    node: ``prune_out_channels``/``prune_in_channels`` prune the hidden size it reads and writes (``c_attn`` inputs,
+    ``c_proj`` outputs), :meth:`prune_heads` removes inner channels (whole heads) of q, k, v and ``c_proj``'s inputs and
+    updates ``num_heads`` and ``split_size``.
+    """
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove hidden channels ``idxs`` (inputs of ``c_attn``, outputs of ``c_proj``)."""
+        Conv1DPruner().prune_in_channels(layer.c_attn, idxs)
+        Conv1DPruner().prune_out_channels(layer.c_proj, idxs)
+        layer.embed_dim = int(layer.c_proj.nf)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove inner channels ``idxs`` in ``[0, num_heads * head_dim)``, which must form whole heads.
+
+        Raises:
+            ValueError: if ``idxs`` do not form whole heads.
+        """
+        if not idxs:
+            return layer
+        head_dim = int(layer.head_dim)
+        inner = int(layer.num_heads) * head_dim
+        drop, dropped_heads = _whole_heads(idxs, head_dim)
+        Conv1DPruner().prune_out_channels(layer.c_attn, [i + k * inner for k in range(3) for i in drop])
+        Conv1DPruner().prune_in_channels(layer.c_proj, drop)
+        layer.num_heads = int(layer.num_heads) - len(dropped_heads)
+        layer.split_size = layer.num_heads * head_dim
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        """Hidden size."""
+        return int(layer.c_proj.nf)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        """Hidden size."""
+        return int(layer.c_attn.nx)
+
+    def get_head_channels(self, layer: nn.Module) -> int:
+        """Inner channels (``num_heads * head_dim``)."""
+        return int(layer.num_heads) * int(layer.head_dim)
+
+
+def _whole_heads(idxs: Sequence[int], head_dim: int) -> tuple[list[int], list[int]]:
+    drop = sorted(set(int(i) for i in idxs))
+    heads = sorted({i // head_dim for i in drop})
+    if len(drop) != len(heads) * head_dim:
+        raise ValueError(
+            f"`idxs` must cover whole heads of {head_dim} channels, got {len(drop)} channels over heads {heads}. "
+            "HINT: select channels with `head_slices`."
+        )
+    return drop, heads
+
+
+class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
+    """Torch-Pruning pruner for ``nn.MultiheadAttention`` that can also remove whole heads.
+
+    ``prune_out_channels``/``prune_in_channels`` prune the embedding dimension as Torch-Pruning does (the residual
+    stream; :func:`transformer_config` normally excludes it). :meth:`prune_heads` removes inner (q/k/v) channels
+    ``idxs`` in ``[0, num_heads * head_dim)``, which must form whole heads: rows of the q, k and v blocks of
+    ``in_proj_weight``/``in_proj_bias`` and columns of ``out_proj.weight``. The module becomes a
+    :class:`PrunedMultiheadAttention` whose ``forward`` works with an inner size below ``embed_dim``.
+    """
+
+    def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove the inner channels ``idxs`` (whole heads) of a ``nn.MultiheadAttention``.
+
+        Raises:
+            ValueError: if ``idxs`` do not form whole heads.
+        """
+        assert isinstance(layer, nn.MultiheadAttention)
+        if not idxs:
+            return layer
+        head_dim, heads = int(layer.head_dim), int(layer.num_heads)
+        inner = head_dim * heads
+        drop, dropped_heads = _whole_heads(idxs, head_dim)
+        keep = _keep(inner, drop)
+        keep3 = keep + [i + inner for i in keep] + [i + 2 * inner for i in keep]
+        assert layer.in_proj_weight is not None
+        layer.in_proj_weight = _select(layer.in_proj_weight, keep3, 0)
+        if layer.in_proj_bias is not None:
+            layer.in_proj_bias = _select(layer.in_proj_bias, keep3, 0)
+        out = layer.out_proj
+        out.weight = _select(out.weight, keep, 1)
+        out.in_features = len(keep)
+        kept_before = getattr(layer, "kept_heads", list(range(heads)))
+        layer.kept_heads = [h for i, h in enumerate(kept_before) if i not in dropped_heads]
+        layer.num_heads = heads - len(dropped_heads)
+        if not isinstance(layer, PrunedMultiheadAttention):
+            layer.__class__ = PrunedMultiheadAttention
+        layer._qkv_same_embed_dim = False  # turns off the fused fast paths of nn.Transformer*Layer that assume E == inner
+        return layer
+
+    def get_head_channels(self, layer: nn.Module) -> int:
+        """Inner channels (``num_heads * head_dim``)."""
+        return int(layer.num_heads) * int(layer.head_dim)
+
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """A ``nn.MultiheadAttention`` whose heads were removed: q/k/v project to ``num_heads * head_dim < embed_dim``.
+
+    Same parameters, same call signature and the same results as the unpruned module with the removed heads zeroed
+    (``nn.MultiheadAttention``'s own ``forward`` assumes the inner size equals ``embed_dim``).
+    ``kept_heads`` lists which of the original heads remain (a 3-D ``attn_mask`` has one slice per original head).
+    """
+
+    kept_heads: list[int]
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Multi-head attention over the remaining heads (arguments as ``nn.MultiheadAttention.forward``)."""
+        if self.bias_k is not None or self.add_zero_attn:
+            raise NotImplementedError("PrunedMultiheadAttention does not support `add_bias_kv`/`add_zero_attn`.")
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        tgt_len, bsz, _ = query.shape
+        src_len = key.shape[0]
+        heads, head_dim = int(self.num_heads), int(self.head_dim)
+        inner = heads * head_dim
+        assert self.in_proj_weight is not None
+        w, b = self.in_proj_weight, self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:inner], b[inner : 2 * inner], b[2 * inner :])
+        q = F.linear(query, w[:inner], bq)
+        k = F.linear(key, w[inner : 2 * inner], bk)
+        v = F.linear(value, w[2 * inner :], bv)
+        # (L, N, inner) -> (N, H, L, d)
+        q = q.reshape(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
+        k = k.reshape(src_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
+        v = v.reshape(src_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
+        bias = torch.zeros((), dtype=q.dtype, device=q.device)
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1)
+        if attn_mask is not None:
+            mask = _additive(attn_mask, q.dtype)
+            if mask.dim() == 3:  # (N * H_original, L, S): keep the slices of the remaining heads
+                mask = mask.reshape(bsz, -1, tgt_len, src_len)[:, self.kept_heads]
+            bias = bias + mask
+        if key_padding_mask is not None:
+            bias = bias + _additive(key_padding_mask, q.dtype).reshape(bsz, 1, 1, src_len)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim)) + bias
+        attn = scores.softmax(-1)
+        if self.training and self.dropout > 0:
+            attn = F.dropout(attn, p=self.dropout)
+        out = (attn @ v).permute(2, 0, 1, 3).reshape(tgt_len, bsz, inner)
+        out = self.out_proj(out)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        weights: Tensor | None = None
+        if need_weights:
+            weights = attn.mean(1) if average_attn_weights else attn
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True: masked out) as ``-inf``/0, a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionSpec:
+    """One attention module whose heads are pruned as units.
+
+    Args:
+        name: the attention module's name in the model.
+        module: the attention module (holds the head count the ``forward`` reads).
+        kind: ``"mha"`` (``nn.MultiheadAttention``), ``"timm"`` (fused ``qkv`` Linear), ``"bert"`` (separate
+            ``query``/``key``/``value``) or ``"gpt2"`` (fused ``c_attn`` Conv1D).
+        num_heads: heads at construction.
+        head_dim: channels per head (unchanged by head pruning).
+        qkv: the projection layers whose output channels hold the heads (one fused layer or three).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    num_heads: int
+    head_dim: int
+    qkv: list[nn.Module]
+
+
+@dataclass
+class TPConfig:
+    """How to build and use a Torch-Pruning dependency graph on one model.
+
+    Args:
+        num_heads: head count of each q/k/v projection layer (Torch-Pruning's ``MetaPruner(num_heads=...)`` form).
+        customized_pruners: pruners for layer types (or instances) Torch-Pruning does not know (``Conv1D``,
+            ``nn.MultiheadAttention`` with head removal).
+        unwrapped_parameters: ``(parameter, channel dim)`` for parameters outside known layers (layer scale
+            ``gamma``, ``cls_token``, ``pos_embed``).
+        root_module_types: layer types to add to the roots of channel groups (``Conv1D``).
+        ignored: ``{layer name: reason}`` for layers that must not be channel-pruned (embeddings and the residual
+            stream they set, groups a LayerNorm normalises over, output layers of attention that cannot be reshaped).
+        attention: the attention modules, by name.
+        prune_num_heads: heads are removed whole (always True here; head dims are never pruned, so the attention
+            scale ``head_dim ** -0.5`` stays exact).
+    """
+
+    num_heads: dict[nn.Module, int] = field(default_factory=dict)
+    customized_pruners: dict[Any, BasePruningFunc] = field(default_factory=dict)
+    unwrapped_parameters: list[tuple[nn.Parameter, int]] = field(default_factory=list)
+    root_module_types: tuple[type, ...] = ()
+    ignored: dict[str, str] = field(default_factory=dict)
+    attention: dict[str, AttentionSpec] = field(default_factory=dict)
+    prune_num_heads: bool = True
+
+    def graph_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``tp.DependencyGraph().build_dependency(model, example_inputs, **kwargs)``.
+
+        Includes a ``forward_fn`` that calls the model the way :mod:`lightning_opt.inputs` does (a tuple is
+        positional, a dict keyword), so a one-tensor input is never unpacked along its batch dimension.
+        """
+        return {
+            "customized_pruners": dict(self.customized_pruners),
+            "unwrapped_parameters": list(self.unwrapped_parameters),
+            "forward_fn": _forward,
+            "verbose": False,
+        }
+
+    def ignored_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules named in :attr:`ignored` (for ``get_all_groups(ignored_layers=...)``)."""
+        modules = dict(model.named_modules())
+        return [modules[n] for n in self.ignored if n in modules]
+
+    def head_module(self, module: nn.Module) -> AttentionSpec | None:
+        """The attention whose q/k/v projections include ``module`` (or which is ``module``), if any."""
+        for spec in self.attention.values():
+            if module is spec.module or any(module is m for m in spec.qkv):
+                return spec
+        return None
+
+
+#: Attention kinds whose heads are a group of the attention module itself (handler ``prune_heads``).
+_MODULE_LEVEL = ("mha", "gpt2")
+
+
+def _forward(model: nn.Module, example: Any) -> Any:
+    """Call the model on an example for tracing, with Hugging Face key/value caches off.
+
+    A cache concatenates each key/value onto an empty tensor, a concatenation Torch-Pruning cannot map (it fails with
+    ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs.
+    """
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {k: c.use_cache for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c.use_cache = False
+        return inputs.call(model, example)
+    finally:
+        for k, c in configs.items():
+            c.use_cache = saved[k]
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is optional
+        return None
+    return Conv1D
+
+
+def _attention_specs(model: nn.Module) -> tuple[dict[str, AttentionSpec], dict[str, str]]:
+    specs: dict[str, AttentionSpec] = {}
+    refused: dict[str, str] = {}
+    conv1d = _conv1d_type()
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if isinstance(m, nn.MultiheadAttention):
+            if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+                refused[name] = "nn.MultiheadAttention with kdim/vdim != embed_dim: heads are not pruned"
+            elif m.bias_k is not None or m.add_zero_attn:
+                refused[name] = "nn.MultiheadAttention with add_bias_kv/add_zero_attn: heads are not pruned"
+            else:
+                specs[name] = AttentionSpec(name, m, "mha", int(m.num_heads), int(m.head_dim), [m])
+        elif isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            qkv = m.qkv
+            if getattr(m, "attn_dim", None) is None or qkv.out_features != 3 * m.num_heads * m.head_dim:
+                refused[name] = f"{cls}: fused qkv without `attn_dim` (or not 3 x heads x head_dim): heads not pruned"
+                continue
+            if not isinstance(getattr(m, "q_norm", nn.Identity()), nn.Identity) or not isinstance(
+                getattr(m, "norm", nn.Identity()), nn.Identity
+            ):
+                refused[name] = f"{cls}: q/k norm or scale norm over the head channels: heads are not pruned"
+                continue
+            if getattr(m, "gate", None) is not None:
+                refused[name] = f"{cls}: gated attention: heads are not pruned"
+                continue
+            specs[name] = AttentionSpec(name, m, "timm", int(m.num_heads), int(m.head_dim), [qkv])
+        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")) and hasattr(
+            m, "num_attention_heads"
+        ):
+            specs[name] = AttentionSpec(
+                name, m, "bert", int(m.num_attention_heads), int(m.attention_head_size), [m.query, m.key, m.value]
+            )
+        elif conv1d is not None and isinstance(getattr(m, "c_attn", None), conv1d) and hasattr(m, "split_size"):
+            if getattr(m, "is_cross_attention", False):
+                refused[name] = f"{cls}: cross-attention: heads are not pruned"
+                continue
+            specs[name] = AttentionSpec(name, m, "gpt2", int(m.num_heads), int(m.head_dim), [m.c_attn])
+    return specs, refused
+
+
+def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
+    """Inspect ``model`` and say how to prune its channels and heads consistently with Torch-Pruning.
+
+    Traces the model once (in eval mode; the train/eval flags are restored) to find the groups that cannot be
+    removed with outputs equal to the masked model's, and lists their layers in :attr:`TPConfig.ignored`:
+
+    - the hidden size set by an embedding (``nn.Embedding``, a ``cls_token``/``pos_embed`` parameter): the residual
+      stream of a transformer; pruning it would change the tied embeddings and every block;
+    - groups a ``LayerNorm`` (or a ``GroupNorm`` with several channels a group) normalises over: a masked channel
+      still counts in the mean and variance, so the removed model computes something else;
+    - groups that change the embedding dimension of an ``nn.MultiheadAttention`` (its heads are pruned instead).
+
+    Args:
+        model: the model (the whole LightningModule, as it will be traced).
+        example_inputs: one input (tensor, tuple of positional inputs, or dict of keyword inputs).
+
+    Returns:
+        The configuration.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        >>> config = transformer_config(model, torch.zeros(2, 3, dtype=torch.long))
+        >>> sorted(config.ignored)
+        ['3']
+    """
+    config = TPConfig()
+    conv1d = _conv1d_type()
+    if conv1d is not None and any(isinstance(m, conv1d) for m in model.modules()):
+        config.customized_pruners[conv1d] = Conv1DPruner()
+        config.root_module_types = (conv1d,)
+    config.attention, refused = _attention_specs(model)
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        config.customized_pruners[nn.MultiheadAttention] = MultiheadAttentionHeadPruner()
+    for spec in config.attention.values():
+        for layer in spec.qkv:
+            config.num_heads[layer] = spec.num_heads
+        if spec.kind == "gpt2":
+            config.customized_pruners[type(spec.module)] = GPT2AttentionPruner()
+    config.unwrapped_parameters = _unwrapped(model)
+    config.ignored.update(refused)
+    config.ignored.update(_inconsistent_groups(model, example_inputs, config))
+    return config
+
+
+def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters outside the layers Torch-Pruning knows, with their channel dim (the last, as Torch-Pruning does).
+
+    Layer scale (``gamma``: ``(C,)`` or ``(C, 1, 1)``), ``cls_token`` and ``pos_embed`` (``(1, N, C)``).
+    """
+    known = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    known += (nn.Embedding, nn.MultiheadAttention, nn.PReLU)
+    conv1d = _conv1d_type()
+    if conv1d is not None:
+        known += (conv1d,)
+    out: list[tuple[nn.Parameter, int]] = []
+    for m in model.modules():
+        if isinstance(m, known):
+            continue
+        for p in m.parameters(recurse=False):
+            dims = [i for i, s in enumerate(p.shape) if s > 1]
+            if not dims:
+                continue
+            # (C, 1, 1) scales a conv's channels (dim 0); otherwise the last dim holds the channels
+            out.append((p, dims[0] if p.dim() == 3 and p.shape[1:] == (1, 1) else dims[-1]))
+    return out
+
+
+def _build(model: nn.Module, example_inputs: Any, config: TPConfig) -> tp.DependencyGraph:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _roots(config: TPConfig) -> tuple[type, ...]:
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *config.root_module_types)
+
+
+def _inconsistent_groups(model: nn.Module, example_inputs: Any, config: TPConfig) -> dict[str, str]:
+    dg = _build(model, example_inputs, config)
+    names = {m: n for n, m in model.named_modules()}
+    unwrapped = {id(p): n for n, p in model.named_parameters()}
+    ignored: dict[str, str] = {}
+    for group in dg.get_all_groups(root_module_types=_roots(config)):
+        reason = None
+        for item in group.items:
+            mod = item.dep.target.module
+            is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            if isinstance(mod, nn.Embedding) and is_out:
+                reason = f"hidden size set by the embedding {names.get(mod, '?')} (the residual stream): kept"
+            elif isinstance(mod, nn.Parameter) and mod.dim() == 3 and id(mod) in unwrapped:
+                reason = f"hidden size set by the parameter {unwrapped[id(mod)]} (token/position embedding): kept"
+            elif isinstance(mod, nn.LayerNorm) and is_out:
+                reason = (
+                    f"normalised over by the LayerNorm {names.get(mod, '?')}: a masked channel still counts in its "
+                    "mean and variance, so removal would change the outputs"
+                )
+            elif isinstance(mod, nn.GroupNorm) and is_out and mod.num_channels != mod.num_groups:
+                reason = f"normalised over by the GroupNorm {names.get(mod, '?')} ({mod.num_groups} groups)"
+            elif isinstance(mod, nn.MultiheadAttention):
+                reason = f"embedding dimension of the attention {names.get(mod, '?')} (its heads are pruned instead)"
+            if reason:
+                break
+        if reason is None:
+            continue
+        for item in group.items:
+            mod = item.dep.target.module
+            if (
+                isinstance(mod, _roots(config))
+                and dg.is_out_channel_pruning_fn(item.dep.handler)
+                and mod in names
+                and names[mod] not in ignored
+            ):
+                ignored[names[mod]] = reason
+    return ignored
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Groups, heads, masks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def extra_groups(config: TPConfig, dg: tp.DependencyGraph) -> list[tp.Group]:
+    """Head groups ``dg.get_all_groups`` cannot find: the heads of each ``nn.MultiheadAttention``.
+
+    Each group's root is the attention module with handler :meth:`MultiheadAttentionHeadPruner.prune_heads` and one
+    channel per inner (q/k/v) channel; remove with ``dg.get_pruning_group(module, handler, idxs).prune()``.
+    """
+    groups = []
+    for spec in config.attention.values():
+        if spec.kind not in _MODULE_LEVEL or spec.module not in dg.module2node:
+            continue
+        pruner = dg.get_pruner_of_module(spec.module)
+        assert isinstance(pruner, (MultiheadAttentionHeadPruner, GPT2AttentionPruner))
+        n = pruner.get_head_channels(spec.module)
+        groups.append(dg.get_pruning_group(spec.module, pruner.prune_heads, list(range(n))))
+    return groups
+
+
+def head_slices(config: TPConfig, group: tp.Group) -> Tensor | None:
+    """The head of each root channel of ``group``, or ``None`` when the group holds no attention heads.
+
+    Heads are numbered within their attention module (``0..num_heads-1``). For a fused ``qkv`` root the q, k and v
+    channels of a head share its number; a root channel that feeds no head is ``-1``. Prune a head by pruning all
+    channels with its number; prune no partial head (the attention ``forward`` reshapes by ``head_dim``).
+
+    Args:
+        config: from :func:`transformer_config`.
+        group: a group from ``dg.get_all_groups`` or :func:`extra_groups`.
+
+    Returns:
+        A ``long`` tensor with one entry per root channel, or ``None``.
+    """
+    root_idxs = group[0].root_idxs if hasattr(group[0], "root_idxs") else list(group[0].idxs)
+    n = len(root_idxs)
+    for item in group.items:
+        mod = item.dep.target.module
+        if not isinstance(mod, nn.Module):
+            continue
+        spec = config.head_module(mod)
+        if spec is None:
+            continue
+        handler_name = getattr(item.dep.handler, "__name__", "")
+        if spec.kind in _MODULE_LEVEL:
+            if mod is not spec.module or handler_name != "prune_heads":
+                continue
+        elif mod is spec.module or not group._DG.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        heads = torch.full((n,), -1, dtype=torch.long)
+        root_pos = {int(r): i for i, r in enumerate(root_idxs)}
+        inner = _inner(spec)
+        for idx, ridx in zip(item.idxs, item.root_idxs):
+            channel = int(idx) % inner if spec.kind == "timm" else int(idx)
+            heads[root_pos[int(ridx)]] = channel // spec.head_dim
+        return heads
+    return None
+
+
+def _inner(spec: AttentionSpec) -> int:
+    """The current inner (all heads) size of an attention, read from its projection layers."""
+    m, layer = spec.module, spec.qkv[0]
+    if spec.kind == "mha":
+        return int(m.num_heads) * int(m.head_dim)
+    if spec.kind == "timm":
+        return int(layer.out_features) // 3
+    if spec.kind == "bert":
+        return int(layer.out_features)
+    return int(layer.nf) // 3
+
+
+def param_slices(
+    config: TPConfig, module: nn.Module, handler: Callable[..., Any], idxs: Sequence[int]
+) -> list[tuple[str, int, Tensor]] | None:
+    """Where channels ``idxs`` of a group item live in ``module``'s own parameters, for layers only this module knows.
+
+    Args:
+        config: from :func:`transformer_config`.
+        module: the group item's module.
+        handler: the item's pruning function (``dep.handler``).
+        idxs: the item's channel indices (``item.idxs``).
+
+    Returns:
+        ``[(parameter name relative to module, dim, indices)]`` to zero for a masked channel, or ``None`` if the
+        module is not one of ``Conv1D`` / ``nn.MultiheadAttention`` (let the caller's own rules decide).
+
+    Example:
+        >>> attn = nn.MultiheadAttention(8, 2)
+        >>> pruner = MultiheadAttentionHeadPruner()
+        >>> [(n, d, i.tolist()) for n, d, i in param_slices(TPConfig(), attn, pruner.prune_heads, [1])]
+        [('in_proj_weight', 0, [1, 9, 17]), ('in_proj_bias', 0, [1, 9, 17]), ('out_proj.weight', 1, [1])]
+    """
+    idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+    name = getattr(handler, "__name__", "")
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        if name == "prune_out_channels":
+            return [("weight", 1, idx), ("bias", 0, idx)]
+        return [("weight", 0, idx)]
+    if isinstance(getattr(module, "c_attn", None), conv1d or ()) and hasattr(module, "split_size"):
+        if name == "prune_heads":
+            inner = int(module.num_heads) * int(module.head_dim)
+            cols = torch.cat([idx, idx + inner, idx + 2 * inner])
+            return [("c_attn.weight", 1, cols), ("c_attn.bias", 0, cols), ("c_proj.weight", 0, idx)]
+        return [("c_attn.weight", 0, idx), ("c_proj.weight", 1, idx), ("c_proj.bias", 0, idx)]
+    if isinstance(module, nn.MultiheadAttention):
+        if name == "prune_heads":
+            inner = int(module.num_heads) * int(module.head_dim)
+            rows = torch.cat([idx, idx + inner, idx + 2 * inner])
+            out = [("in_proj_weight", 0, rows)]
+            if module.in_proj_bias is not None:
+                out.append(("in_proj_bias", 0, rows))
+            out.append(("out_proj.weight", 1, idx))
+            return out
+        raise NotImplementedError(
+            f"masking the embedding dimension of nn.MultiheadAttention is not supported (handler {name}). "
+            "HINT: prune its heads (`extra_groups`) instead; transformer_config lists this group in `ignored`."
+        )
+    return None
+
+
+def after_removal(model: nn.Module, config: TPConfig) -> None:
+    """Update head counts and sizes on every attention module after its heads were removed.
+
+    Sets ``num_heads``/``attn_dim`` (timm), ``num_attention_heads``/``all_head_size`` (BERT), ``num_heads``/
+    ``split_size``/``embed_dim`` stays (GPT-2: ``split_size`` is the inner size the fused projection is split by).
+    ``nn.MultiheadAttention`` is already updated by its pruner. Head dims are never changed.
+
+    Args:
+        model: the model whose groups were removed (``config`` must come from this model).
+        config: from :func:`transformer_config`.
+
+    Raises:
+        RuntimeError: if a projection's size is not a whole number of heads (a partial head was removed).
+    """
+    del model  # the specs hold the modules
+    for spec in config.attention.values():
+        m = spec.module
+        if spec.kind == "bert" and len({layer.out_features for layer in spec.qkv}) != 1:
+            raise RuntimeError(
+                f"{spec.name}: query/key/value have {[layer.out_features for layer in spec.qkv]} outputs after "
+                "removal; they must match. HINT: prune whole heads (`head_slices`)."
+            )
+        inner = _inner(spec)
+        if inner % spec.head_dim:
+            raise RuntimeError(
+                f"{spec.name}: {inner} inner channels is not a whole number of heads of {spec.head_dim}. "
+                "HINT: prune whole heads (`head_slices`)."
+            )
+        heads = inner // spec.head_dim
+        if spec.kind == "timm":
+            m.num_heads, m.attn_dim = heads, inner
+        elif spec.kind == "bert":
+            m.num_attention_heads, m.all_head_size = heads, inner
+        else:
+            m.num_heads, m.split_size = heads, inner
+        config.num_heads.update({layer: heads for layer in spec.qkv})
