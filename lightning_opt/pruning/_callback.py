@@ -358,7 +358,9 @@ class Pruning(Callback):
             canonical = {id(p): n for n, p in pl_module.named_parameters()}
             assert self._groups is not None
             self._weights = list(self._groups.groups)
-            self._root_weights = {g: canonical[id(self._groups.root_weight(g))] for g in self._weights}
+            self._root_weights = {
+                g: canonical[id(w)] for g in self._weights if (w := self._groups.root_weight(g)) is not None
+            }
             covered = self._groups.param_names
         else:
             self._groups = None
@@ -402,6 +404,11 @@ class Pruning(Callback):
             self._groups = ChannelGroups(pl_module, roots, self._example)
         except UnsupportedModelError as err:
             raise ValueError(f"Pruning(granularity='channel'): {err}") from err
+        if self._groups.excluded:
+            rank_zero_warn(
+                "Pruning: channel groups kept unpruned because removing them cannot keep the outputs equal:\n"
+                + "\n".join(f"  {n}: {why}" for n, why in self._groups.excluded.items())
+            )
         if self.unremovable:  # groups rooted elsewhere may also hold channels of a refused layer: leave them out too
             self._groups.groups = {n: g for n, g in self._groups.groups.items() if n not in self.unremovable}
 
@@ -540,10 +547,18 @@ class Pruning(Callback):
             assert self._groups is not None
             groups = self._groups
             keeps = {n: self._keeps.get(n, torch.ones(g.channels, dtype=torch.bool)) for n, g in groups.groups.items()}
-            ch_scores = {}
+            unit_ids, unit_scores, unit_keeps = {}, {}, {}
             for gname in groups.groups:
-                ch_scores[gname] = groups.channel_scores(gname, score(self._root_weights[gname])).cpu()
-            keeps = channel_keep(ch_scores, keeps, self._pools(targets))
+                if gname in self._root_weights:  # a channel scored by its root layer's weights
+                    ch = groups.channel_scores(gname, score(self._root_weights[gname])).cpu()
+                else:  # attention heads: scored as units over all their q/k/v/out weights
+                    ch = groups.group_scores(gname, {it.param: score(it.param) for it in groups.groups[gname].items})
+                ids, unit_scores[gname] = groups.unit_scores(gname, ch)
+                units = groups.units(gname)
+                unit_ids[gname] = ids
+                unit_keeps[gname] = torch.stack([keeps[gname][units == u].any() for u in ids])
+            new = channel_keep(unit_scores, unit_keeps, self._pools(targets))
+            keeps = {n: groups.channel_keep_of_units(n, unit_ids[n], new[n]) for n in new}
             masks = groups.param_masks(keeps, params)
         else:
             current = {n: self._masks.get(n, torch.ones_like(params[n], dtype=torch.bool)) for n in self._weights}

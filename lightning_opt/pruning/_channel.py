@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,14 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_opt import inputs
+from lightning_opt.pruning._attention import (
+    TPConfig,
+    after_removal,
+    extra_groups,
+    head_slices,
+    param_slices,
+    transformer_config,
+)
 
 __all__ = ["ChannelGroups", "UnsupportedModelError", "load_pruned", "output_error", "rehearse_removal", "save_pruned"]
 
@@ -46,6 +55,7 @@ class _Group:
     channels: int
     out_dim: int
     items: list[_Item] = field(default_factory=list)
+    heads: Tensor | None = None  # head of each root channel (-1: no head) when the group is attention heads
 
 
 def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str, int]]:
@@ -74,6 +84,11 @@ def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str
     if isinstance(module, _PER_CHANNEL) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1):
         return [(n, 0) for n in own]
     return []  # parameters not masked: the removal rehearsal (`rehearse_removal`) finds out whether that matters
+
+
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """``dict(model.named_modules())``."""
+    return dict(model.named_modules())
 
 
 def _culprits(err: BaseException, names: Mapping[nn.Module, str]) -> list[str]:
@@ -110,8 +125,11 @@ class ChannelGroups:
         roots: ``{name: module}`` allowed as pruning roots; others (and output layers) are not pruned.
         example_inputs: an input for one forward pass: a tensor, a tuple of positional inputs or a dict of keyword
             inputs (:mod:`lightning_opt.inputs`).
-        graph_kwargs: more keyword arguments of ``tp.DependencyGraph().build_dependency`` (``customized_pruners``,
-            ``unwrapped_parameters``...).
+        transformer: configure Torch-Pruning for transformers and blocks it does not know by itself
+            (:func:`~lightning_opt.pruning._attention.transformer_config`): attention heads are groups pruned as
+            whole heads (head counts updated on removal), Hugging Face ``Conv1D``, layer scale; groups that removal
+            cannot keep equal (the hidden size set by embeddings, channels a LayerNorm normalises over) are left out
+            and listed in :attr:`excluded`.
 
     Raises:
         UnsupportedModelError: if Torch-Pruning fails while tracing the model (the message names the layers next to
@@ -124,20 +142,22 @@ class ChannelGroups:
         model: nn.Module,
         roots: Mapping[str, nn.Module],
         example_inputs: Any,
-        graph_kwargs: Mapping[str, Any] | None = None,
+        transformer: bool = True,
     ) -> None:
         modes = {m: m.training for m in model.modules()}
         module_names = {m: n for n, m in model.named_modules()}
         self.model = model
+        self.config: TPConfig | None = None
         try:
-            with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(
-                    model,
-                    example_inputs=example_inputs,
-                    forward_fn=lambda m, x: inputs.call(m, x),
-                    verbose=False,
-                    **dict(graph_kwargs or {}),
-                )
+            kwargs: dict[str, Any] = {"forward_fn": lambda m, x: inputs.call(m, x), "verbose": False}
+            if transformer:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.config = transformer_config(model, example_inputs)
+                kwargs = self.config.graph_kwargs()
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Torch-Pruning's note on unwrapped parameters
+                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, **kwargs)
         except Exception as err:
             near = _culprits(err, module_names)
             raise UnsupportedModelError(
@@ -149,15 +169,28 @@ class ChannelGroups:
             for m, mode in modes.items():
                 m.training = mode
         root_set = {id(m) for m in roots.values()}
-        prunable_types = _CONV + _CONV_T + (nn.Linear,)
+        prunable_types = _CONV + _CONV_T + (nn.Linear,) + (self.config.root_module_types if self.config else ())
         outputs = [m for m, node in self.dg.module2node.items() if isinstance(m, nn.Module) and not node.outputs]
         ignored: list[nn.Module] = [
             m for m in model.modules() if isinstance(m, prunable_types) and id(m) not in root_set
         ]
         ignored += outputs
+        #: ``{layer name: reason}`` of the layers the transformer configuration keeps unpruned
+        self.excluded: dict[str, str] = {}
+        if self.config is not None:
+            named = modules_by_name(model)
+            self.excluded = {n: w for n, w in self.config.ignored.items() if n in named and id(named[n]) in root_set}
+            ignored += self.config.ignored_modules(model)
         self.output_layers = [module_names[m] for m in outputs if m in module_names]
         self.groups: dict[str, _Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=prunable_types):
+        canonical = {id(p): n for n, p in model.named_parameters()}  # a tied weight under one name
+        all_groups = list(self.dg.get_all_groups(ignored_layers=ignored, root_module_types=prunable_types))
+        if self.config is not None:
+            for group in extra_groups(self.config, self.dg):  # heads of attention modules (MHA, GPT-2)
+                spec = self.config.head_module(group[0].dep.target.module)
+                if spec is not None and any(id(m) in root_set for m in (spec.module, *spec.qkv)):
+                    all_groups.append(group)
+        for group in all_groups:
             root = group[0].dep.target.module
             name = module_names[root]
             g = _Group(
@@ -166,17 +199,28 @@ class ChannelGroups:
                 handler=group[0].dep.handler,
                 channels=len(group[0].idxs),
                 out_dim=1 if isinstance(root, _CONV_T) or _is_hf_conv1d(root) else 0,
+                heads=head_slices(self.config, group) if self.config is not None else None,
             )
             for item in group.items:
                 mod = item.dep.target.module
                 if not isinstance(mod, nn.Module) or mod not in module_names:
                     continue
-                is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
-                for pname, dim in _param_dims(mod, item.dep.handler, is_out):
-                    full = f"{module_names[mod]}.{pname}" if module_names[mod] else pname
-                    g.items.append(
-                        _Item(full, dim, torch.as_tensor(list(item.idxs)), torch.as_tensor(list(item.root_idxs)))
-                    )
+                root_idxs = torch.as_tensor([int(i) for i in item.root_idxs])
+                slices = param_slices(self.config, mod, item.dep.handler, item.idxs) if self.config else None
+                if slices is None:
+                    is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
+                    idx = torch.as_tensor([int(i) for i in item.idxs])
+                    slices = [(pname, dim, idx) for pname, dim in _param_dims(mod, item.dep.handler, is_out)]
+                for pname, dim, idx in slices:
+                    try:
+                        param = mod.get_parameter(pname)
+                    except AttributeError:  # e.g. no bias
+                        continue
+                    full = canonical.get(id(param))
+                    if full is None:
+                        continue
+                    reps = max(1, len(idx) // max(1, len(root_idxs)))  # q/k/v rows of one head channel
+                    g.items.append(_Item(full, dim, idx, root_idxs.repeat(reps)))
             self.groups[name] = g
         if not self.groups:
             raise ValueError(
@@ -193,11 +237,10 @@ class ChannelGroups:
                 seen[it.param] = None
         return list(seen)
 
-    def root_weight(self, name: str) -> Tensor:
-        """The root layer's weight of group ``name``."""
-        weight = self.groups[name].root.weight
-        assert isinstance(weight, Tensor)
-        return weight
+    def root_weight(self, name: str) -> Tensor | None:
+        """The root layer's weight of group ``name`` (``None`` for a head group rooted at an attention module)."""
+        weight = getattr(self.groups[name].root, "weight", None)
+        return weight if isinstance(weight, Tensor) and self.groups[name].heads is None else None
 
     def channel_scores(self, name: str, elementwise: Tensor) -> Tensor:
         """Sum an elementwise score of the root weight over each output channel.
@@ -211,6 +254,45 @@ class ChannelGroups:
         """
         g = self.groups[name]
         return elementwise.transpose(0, g.out_dim).reshape(g.channels, -1).sum(1)
+
+    def group_scores(self, name: str, elementwise: Mapping[str, Tensor]) -> Tensor:
+        """Sum an elementwise score of every parameter of a group over each root channel (heads: every q/k/v/out
+        weight of the head).
+
+        Args:
+            name: group name.
+            elementwise: ``{parameter name: scores shaped like it}`` for the group's parameters.
+
+        Returns:
+            One score per root channel.
+        """
+        g = self.groups[name]
+        out = torch.zeros(g.channels)
+        for it in g.items:
+            s = elementwise[it.param].float().cpu()
+            per = s.transpose(0, it.dim).reshape(s.shape[it.dim], -1).sum(1)
+            out.index_add_(0, it.root_idxs, per[it.target_idxs])
+        return out
+
+    def units(self, name: str) -> Tensor:
+        """The pruning unit of each root channel: its head for attention groups (``-1`` = always kept), else itself."""
+        g = self.groups[name]
+        return g.heads if g.heads is not None else torch.arange(g.channels)
+
+    def unit_scores(self, name: str, channel_scores: Tensor) -> tuple[Tensor, Tensor]:
+        """``(unit ids, score per unit)``: channel scores summed over each head (heads are scored as units)."""
+        units = self.units(name)
+        ids = torch.unique(units[units >= 0])
+        return ids, torch.stack([channel_scores[units == u].sum() for u in ids])
+
+    def channel_keep_of_units(self, name: str, ids: Tensor, unit_keep: Tensor) -> Tensor:
+        """Per-channel keep from a keep per unit (channels of no head are kept)."""
+        units = self.units(name)
+        keep = torch.ones(units.numel(), dtype=torch.bool)
+        for u, k in zip(ids.tolist(), unit_keep.tolist()):
+            if not k:
+                keep[units == u] = False
+        return keep
 
     def param_masks(self, keeps: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Turn per-group channel keep vectors into boolean masks of every coupled parameter.
@@ -261,6 +343,8 @@ class ChannelGroups:
         idxs = torch.nonzero(~keep.cpu()).flatten().tolist()
         if idxs:
             self.dg.get_pruning_group(g.root, g.handler, idxs).prune()
+            if self.config is not None:
+                after_removal(self.model, self.config)
         return len(idxs)
 
 
@@ -284,15 +368,17 @@ def output_error(reference: Any, output: Any) -> tuple[float, float]:
 
 
 def rehearsal_keeps(groups: ChannelGroups, fraction: float = 0.25) -> dict[str, Tensor]:
-    """Keep vectors that drop every ``round(1 / fraction)``-th channel of every group (at least one, never all)."""
-    step = max(2, round(1 / fraction))
+    """Keep vectors that drop a seeded random ``fraction`` of the units (channels, heads) of every group (at least
+    one, never all): an irregular pattern, as the ones training chooses."""
+    generator = torch.Generator().manual_seed(0)
     keeps = {}
-    for name, g in groups.groups.items():
-        keep = torch.ones(g.channels, dtype=torch.bool)
-        keep[1::step] = False
-        if keep.all():
-            keep[-1] = g.channels < 2
-        keeps[name] = keep
+    for name in groups.groups:
+        ids = groups.unit_scores(name, torch.zeros(groups.groups[name].channels))[0]
+        n = ids.numel()
+        unit_keep = torch.ones(n, dtype=torch.bool)
+        drop = min(max(1, round(fraction * n)), n - 1)
+        unit_keep[torch.randperm(n, generator=generator)[:drop]] = False  # irregular, as training's choices are
+        keeps[name] = groups.channel_keep_of_units(name, ids, unit_keep)
     return keeps
 
 
@@ -301,8 +387,7 @@ def rehearse_removal(
     model: nn.Module,
     roots: Mapping[str, nn.Module],
     example_inputs: Any,
-    graph_kwargs: Callable[[nn.Module], Mapping[str, Any]] | None = None,
-    after_removal: Callable[[nn.Module], None] | None = None,
+    transformer: bool = True,
     fraction: float = 0.25,
 ) -> dict[str, str]:
     """Try channel removal on copies of ``model``: which groups cannot be removed without changing the outputs.
@@ -316,8 +401,7 @@ def rehearse_removal(
         model: the model (never modified).
         roots: ``{name: module of model}`` allowed as roots.
         example_inputs: the example (tensor, tuple or dict).
-        graph_kwargs: a function giving the extra ``build_dependency`` arguments for a copy of the model.
-        after_removal: called on the copy after each group's removal (e.g. to update head counts).
+        transformer: as for :class:`ChannelGroups`.
         fraction: share of channels masked per group.
 
     Returns:
@@ -336,7 +420,7 @@ def rehearse_removal(
         work_roots = {n: modules[n] for n in root_names if n not in bad}
         if not work_roots:
             return bad
-        groups = ChannelGroups(work, work_roots, example_inputs, graph_kwargs(work) if graph_kwargs else None)
+        groups = ChannelGroups(work, work_roots, example_inputs, transformer)
         keeps = rehearsal_keeps(groups, fraction)
         params = dict(work.named_parameters())
         for n, mk in groups.param_masks(keeps, params).items():
@@ -346,8 +430,6 @@ def rehearse_removal(
         for gname in groups.groups:
             try:
                 groups.remove_group(gname, keeps[gname])
-                if after_removal is not None:
-                    after_removal(work)
                 err, tol = output_error(reference, inputs.call(work, example_inputs))
             except Exception as e:  # any failure of the removal or of the thinner model's forward pass
                 failed = (gname, f"removal fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
