@@ -670,7 +670,15 @@ class Pruning(Callback):
         with torch.no_grad():
             before_out = inputs.call(pl_module, example)
         before = _measure_example(measure, pl_module, example) if trainer.is_global_zero else {}
-        removed = self._groups.remove(self._keeps)
+        try:
+            removed = self._groups.remove(self._keeps)
+        except Exception as err:
+            pl_module.train(was_training)
+            raise RuntimeError(
+                f"Pruning: channel removal failed at the end of fit ({type(err).__name__}: {err}); the model is left "
+                "partly thinned and pruned_model.pt was not written. The checkpoints saved during training hold the "
+                "masked model. HINT: `exclude` the layer named above, or use on_unremovable='skip'."
+            ) from err
         with torch.no_grad():
             after_out = inputs.call(pl_module, example)
         after = _measure_example(measure, pl_module, example) if trainer.is_global_zero else {}

@@ -53,7 +53,7 @@ def _fit(name: str, cb: Pruning, tmp_path: Path, extra: list[Callback] | None = 
 
 
 @pytest.mark.parametrize("granularity", ["unstructured", "nm"])
-@pytest.mark.parametrize("name", _zoo_params({"efficientnet", "regnet", "resnet18"}))
+@pytest.mark.parametrize("name", _zoo_params({"efficientnet", "regnet", "resnet18", "resnet_d", "mobilenet_v3"}))
 def test_zoo_unstructured_and_2_4_reach_the_target(name: str, granularity: str, tmp_path: Path) -> None:
     cb = Pruning(ConstantSchedule(final=0.5), granularity=granularity, remask="foreach", log_histograms=False)  # type: ignore[arg-type]
     trainer, model = _fit(name, cb, tmp_path)
