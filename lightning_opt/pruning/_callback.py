@@ -672,13 +672,13 @@ class Pruning(Callback):
         before = _measure_example(measure, pl_module, example) if trainer.is_global_zero else {}
         try:
             removed = self._groups.remove(self._keeps)
-        except Exception as err:
+        except Exception as exc:
             pl_module.train(was_training)
             raise RuntimeError(
-                f"Pruning: channel removal failed at the end of fit ({type(err).__name__}: {err}); the model is left "
+                f"Pruning: channel removal failed at the end of fit ({type(exc).__name__}: {exc}); the model is left "
                 "partly thinned and pruned_model.pt was not written. The checkpoints saved during training hold the "
                 "masked model. HINT: `exclude` the layer named above, or use on_unremovable='skip'."
-            ) from err
+            ) from exc
         with torch.no_grad():
             after_out = inputs.call(pl_module, example)
         after = _measure_example(measure, pl_module, example) if trainer.is_global_zero else {}
