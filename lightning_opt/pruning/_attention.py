@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,6 +70,7 @@ __all__ = [
     "PrunedMultiheadAttention",
     "TPConfig",
     "after_removal",
+    "channel_units",
     "extra_groups",
     "head_slices",
     "param_slices",
@@ -173,7 +175,7 @@ class GPT2AttentionPruner(BasePruningFunc):
         """Hidden size."""
         return int(layer.c_attn.nx)
 
-    def get_head_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: nn.Module) -> int:
         """Inner channels (``num_heads * head_dim``)."""
         return int(layer.num_heads) * int(layer.head_dim)
 
@@ -225,12 +227,78 @@ class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
         layer.num_heads = heads - len(dropped_heads)
         if not isinstance(layer, PrunedMultiheadAttention):
             layer.__class__ = PrunedMultiheadAttention
-        layer._qkv_same_embed_dim = False  # turns off the fused fast paths of nn.Transformer*Layer that assume E == inner
+        layer._qkv_same_embed_dim = (
+            False  # turns off the fused fast paths of nn.Transformer*Layer that assume E == inner
+        )
         return layer
 
-    def get_head_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: nn.Module) -> int:
         """Inner channels (``num_heads * head_dim``)."""
         return int(layer.num_heads) * int(layer.head_dim)
+
+
+class ShuffleBlockPruner(BasePruningFunc):
+    """Torch-Pruning pruner for torchvision's ShuffleNetV2 ``InvertedResidual``: one node, inner channels prunable.
+
+    The block splits its input in two, concatenates and shuffles the channels; Torch-Pruning 1.6 cannot map the
+    shuffle's reshapes (``integer division or modulo by zero``) nor ``chunk`` on torch 2.x, so the block is traced as
+    one node whose input and output channels are kept. :meth:`prune_inner` removes hidden channels of ``branch2``
+    (1x1 conv out, BatchNorm, depthwise 3x3 conv, BatchNorm, 1x1 conv in), which never meet the shuffle.
+    """
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Not supported: the block's outputs are shuffled."""
+        raise NotImplementedError(
+            "the output channels of a ShuffleNet block are shuffled and cannot be removed. HINT: transformer_config "
+            "lists the groups that reach them in `ignored`."
+        )
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Not supported: the block's inputs are split and shuffled."""
+        raise NotImplementedError(
+            "the input channels of a ShuffleNet block are split and shuffled and cannot be removed. "
+            "HINT: transformer_config lists the groups that reach them in `ignored`."
+        )
+
+    def prune_inner(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        """Remove hidden channels ``idxs`` of ``branch2``."""
+        if not idxs:
+            return layer
+        b = layer.branch2
+        idxs = sorted(int(i) for i in idxs)
+        tp.prune_conv_out_channels(b[0], idxs)
+        tp.prune_batchnorm_out_channels(b[1], idxs)
+        tp.prune_depthwise_conv_out_channels(b[3], idxs)
+        tp.prune_batchnorm_out_channels(b[4], idxs)
+        tp.prune_conv_in_channels(b[5], idxs)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        """Output channels of the block."""
+        out = int(layer.branch2[5].out_channels)
+        return out + (int(layer.branch1[2].out_channels) if len(layer.branch1) else out)
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        """Input channels of the block."""
+        return int(layer.branch1[0].in_channels) if len(layer.branch1) else 2 * int(layer.branch2[0].in_channels)
+
+    def get_inner_channels(self, layer: nn.Module) -> int:
+        """Hidden channels of ``branch2``."""
+        return int(layer.branch2[0].out_channels)
+
+
+def _is_shuffle_block(m: nn.Module) -> bool:
+    b1, b2 = getattr(m, "branch1", None), getattr(m, "branch2", None)
+    return (
+        type(m).__name__ == "InvertedResidual"
+        and isinstance(b1, nn.Sequential)
+        and isinstance(b2, nn.Sequential)
+        and len(b2) == 8
+        and isinstance(b2[3], nn.Conv2d)
+        and b2[3].groups == b2[3].out_channels
+    )
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -354,6 +422,8 @@ class TPConfig:
         ignored: ``{layer name: reason}`` for layers that must not be channel-pruned (embeddings and the residual
             stream they set, groups a LayerNorm normalises over, output layers of attention that cannot be reshaped).
         attention: the attention modules, by name.
+        inner: modules traced as one node whose inner channels are groups of their own (``nn.MultiheadAttention``,
+            GPT-2 attention, ShuffleNet blocks), by name: see :func:`extra_groups`.
         prune_num_heads: heads are removed whole (always True here; head dims are never pruned, so the attention
             scale ``head_dim ** -0.5`` stays exact).
     """
@@ -364,6 +434,7 @@ class TPConfig:
     root_module_types: tuple[type, ...] = ()
     ignored: dict[str, str] = field(default_factory=dict)
     attention: dict[str, AttentionSpec] = field(default_factory=dict)
+    inner: dict[str, nn.Module] = field(default_factory=dict)
     prune_num_heads: bool = True
 
     def graph_kwargs(self) -> dict[str, Any]:
@@ -372,10 +443,11 @@ class TPConfig:
         Includes a ``forward_fn`` that calls the model the way :mod:`lightning_opt.inputs` does (a tuple is
         positional, a dict keyword), so a one-tensor input is never unpacked along its batch dimension.
         """
+        opaque = [m for m in self.inner.values() if _is_shuffle_block(m)]
         return {
             "customized_pruners": dict(self.customized_pruners),
             "unwrapped_parameters": list(self.unwrapped_parameters),
-            "forward_fn": _forward,
+            "forward_fn": functools.partial(_forward, opaque=opaque),
             "verbose": False,
         }
 
@@ -396,21 +468,45 @@ class TPConfig:
 _MODULE_LEVEL = ("mha", "gpt2")
 
 
-def _forward(model: nn.Module, example: Any) -> Any:
-    """Call the model on an example for tracing, with Hugging Face key/value caches off.
+def _forward(model: nn.Module, example: Any, opaque: Sequence[nn.Module] = ()) -> Any:
+    """Call the model on an example for tracing, with Hugging Face key/value caches off and ``opaque`` blocks as one op.
 
     A cache concatenates each key/value onto an empty tensor, a concatenation Torch-Pruning cannot map (it fails with
-    ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs.
+    ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs. Each ``opaque``
+    module runs as one autograd node (:class:`_Opaque`) for this call only, so the trace does not enter it.
     """
     configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
     saved = {k: c.use_cache for k, c in configs.items()}
     try:
         for c in configs.values():
             c.use_cache = False
+        for m in opaque:
+            m.forward = functools.partial(_opaque_forward, type(m).forward.__get__(m))  # type: ignore[method-assign]
         return inputs.call(model, example)
     finally:
         for k, c in configs.items():
             c.use_cache = saved[k]
+        for m in opaque:
+            del m.forward
+
+
+class _Opaque(torch.autograd.Function):
+    """Runs a module's forward as one autograd node whose only input is the module's input (tracing only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:  # pragma: no cover - never differentiated
+        raise RuntimeError("_Opaque is for dependency tracing only.")
+
+
+def _opaque_forward(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    out = _Opaque.apply(x, fn)
+    assert isinstance(out, Tensor)
+    return out
 
 
 def _conv1d_type() -> type | None:
@@ -501,6 +597,13 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
             config.num_heads[layer] = spec.num_heads
         if spec.kind == "gpt2":
             config.customized_pruners[type(spec.module)] = GPT2AttentionPruner()
+    for name, spec in config.attention.items():
+        if spec.kind in _MODULE_LEVEL:
+            config.inner[name] = spec.module
+    for name, m in model.named_modules():
+        if _is_shuffle_block(m):
+            config.customized_pruners[type(m)] = ShuffleBlockPruner()
+            config.inner[name] = m
     config.unwrapped_parameters = _unwrapped(model)
     config.ignored.update(refused)
     config.ignored.update(_inconsistent_groups(model, example_inputs, config))
@@ -551,25 +654,39 @@ def _inconsistent_groups(model: nn.Module, example_inputs: Any, config: TPConfig
     unwrapped = {id(p): n for n, p in model.named_parameters()}
     ignored: dict[str, str] = {}
     for group in dg.get_all_groups(root_module_types=_roots(config)):
-        reason = None
+        reasons: list[tuple[int, str]] = []  # (priority, reason): the embedding explains a residual stream best
         for item in group.items:
             mod = item.dep.target.module
             is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
             if isinstance(mod, nn.Embedding) and is_out:
-                reason = f"hidden size set by the embedding {names.get(mod, '?')} (the residual stream): kept"
+                reasons.append(
+                    (0, f"hidden size set by the embedding {names.get(mod, '?')} (the residual stream): kept")
+                )
             elif isinstance(mod, nn.Parameter) and mod.dim() == 3 and id(mod) in unwrapped:
-                reason = f"hidden size set by the parameter {unwrapped[id(mod)]} (token/position embedding): kept"
+                reasons.append(
+                    (1, f"hidden size set by the parameter {unwrapped[id(mod)]} (token/position embedding): kept")
+                )
+            elif isinstance(mod, nn.MultiheadAttention):
+                reasons.append(
+                    (2, f"embedding dimension of the attention {names.get(mod, '?')} (its heads are pruned instead)")
+                )
+            elif any(mod is m for m in config.inner.values()):
+                reasons.append(
+                    (3, f"channels of {names.get(mod, '?')}, traced as one node (only its inner channels are pruned)")
+                )
             elif isinstance(mod, nn.LayerNorm) and is_out:
-                reason = (
-                    f"normalised over by the LayerNorm {names.get(mod, '?')}: a masked channel still counts in its "
-                    "mean and variance, so removal would change the outputs"
+                reasons.append(
+                    (
+                        4,
+                        f"normalised over by the LayerNorm {names.get(mod, '?')}: a masked channel still counts in its "
+                        "mean and variance, so removal would change the outputs",
+                    )
                 )
             elif isinstance(mod, nn.GroupNorm) and is_out and mod.num_channels != mod.num_groups:
-                reason = f"normalised over by the GroupNorm {names.get(mod, '?')} ({mod.num_groups} groups)"
-            elif isinstance(mod, nn.MultiheadAttention):
-                reason = f"embedding dimension of the attention {names.get(mod, '?')} (its heads are pruned instead)"
-            if reason:
-                break
+                reasons.append(
+                    (5, f"normalised over by the GroupNorm {names.get(mod, '?')} ({mod.num_groups} groups of channels)")
+                )
+        reason = min(reasons)[1] if reasons else None
         if reason is None:
             continue
         for item in group.items:
@@ -590,19 +707,22 @@ def _inconsistent_groups(model: nn.Module, example_inputs: Any, config: TPConfig
 
 
 def extra_groups(config: TPConfig, dg: tp.DependencyGraph) -> list[tp.Group]:
-    """Head groups ``dg.get_all_groups`` cannot find: the heads of each ``nn.MultiheadAttention``.
+    """Groups ``dg.get_all_groups`` cannot find: the inner channels of the modules in :attr:`TPConfig.inner`.
 
-    Each group's root is the attention module with handler :meth:`MultiheadAttentionHeadPruner.prune_heads` and one
-    channel per inner (q/k/v) channel; remove with ``dg.get_pruning_group(module, handler, idxs).prune()``.
+    The heads of each ``nn.MultiheadAttention`` and GPT-2 attention (handler ``prune_heads``, one channel per inner
+    q/k/v channel; :func:`head_slices` numbers their heads) and the hidden channels of ShuffleNet blocks (handler
+    ``prune_inner``). Remove with ``dg.get_pruning_group(group[0].dep.target.module, group[0].dep.handler,
+    idxs).prune()``, as any other group.
     """
     groups = []
-    for spec in config.attention.values():
-        if spec.kind not in _MODULE_LEVEL or spec.module not in dg.module2node:
+    for module in config.inner.values():
+        if module not in dg.module2node:
             continue
-        pruner = dg.get_pruner_of_module(spec.module)
-        assert isinstance(pruner, (MultiheadAttentionHeadPruner, GPT2AttentionPruner))
-        n = pruner.get_head_channels(spec.module)
-        groups.append(dg.get_pruning_group(spec.module, pruner.prune_heads, list(range(n))))
+        pruner = dg.get_pruner_of_module(module)
+        handler = getattr(pruner, "prune_heads", None) or getattr(pruner, "prune_inner", None)
+        assert handler is not None, f"no inner-channel pruner for {type(module).__name__}"
+        n = pruner.get_inner_channels(module)
+        groups.append(dg.get_pruning_group(module, handler, list(range(n))))
     return groups
 
 
@@ -643,6 +763,66 @@ def head_slices(config: TPConfig, group: tp.Group) -> Tensor | None:
             heads[root_pos[int(ridx)]] = channel // spec.head_dim
         return heads
     return None
+
+
+def channel_units(config: TPConfig, group: tp.Group) -> Tensor | None:
+    """The unit of each root channel of ``group``: channels of one unit must be kept or removed together.
+
+    A unit is an attention head (:func:`head_slices`), or, through a grouped convolution with ``G`` groups (not
+    depthwise), the channels at the same position in every group (``c % (C / G)``): removal keeps the convolution's
+    groups equal in size only when each group loses the same positions. ``None`` when every channel is a unit.
+
+    Args:
+        config: from :func:`transformer_config`.
+        group: a group from ``dg.get_all_groups`` or :func:`extra_groups`.
+
+    Returns:
+        A ``long`` tensor with one unit number (``0..U-1``, in order of first channel) per root channel, or ``None``.
+
+    Example:
+        >>> import torch_pruning as tp
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
+        >>> dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, 3, 8, 8))
+        >>> group = dg.get_pruning_group(model[0], tp.prune_conv_out_channels, list(range(8)))
+        >>> channel_units(TPConfig(), group).tolist()
+        [0, 1, 2, 3, 0, 1, 2, 3]
+    """
+    root_idxs = [int(r) for r in group[0].root_idxs]
+    n = len(root_idxs)
+    pos = {r: i for i, r in enumerate(root_idxs)}
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    constrained = False
+    heads = head_slices(config, group)
+    keys: list[dict[int, int]] = []
+    if heads is not None:
+        constrained = True
+        keys.append({i: int(h) for i, h in enumerate(heads.tolist()) if h >= 0})
+    for item in group.items:
+        mod = item.dep.target.module
+        if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or mod.groups == 1 or mod.groups == mod.out_channels:
+            continue
+        size = mod.out_channels if group._DG.is_out_channel_pruning_fn(item.dep.handler) else mod.in_channels
+        period = size // mod.groups
+        constrained = True
+        keys.append({pos[int(r)]: int(t) % period for t, r in zip(item.idxs, item.root_idxs)})
+    if not constrained:
+        return None
+    for key in keys:
+        first: dict[int, int] = {}
+        for i, k in key.items():
+            if k in first:
+                parent[find(i)] = find(first[k])
+            else:
+                first[k] = i
+    labels: dict[int, int] = {}
+    return torch.tensor([labels.setdefault(find(i), len(labels)) for i in range(n)], dtype=torch.long)
 
 
 def _inner(spec: AttentionSpec) -> int:
@@ -691,6 +871,13 @@ def param_slices(
             cols = torch.cat([idx, idx + inner, idx + 2 * inner])
             return [("c_attn.weight", 1, cols), ("c_attn.bias", 0, cols), ("c_proj.weight", 0, idx)]
         return [("c_attn.weight", 0, idx), ("c_proj.weight", 1, idx), ("c_proj.bias", 0, idx)]
+    if name == "prune_inner" and _is_shuffle_block(module):
+        out = [("branch2.0.weight", 0, idx)]
+        out += [(f"branch2.{i}.{p}", 0, idx) for i in (1, 4) for p in ("weight", "bias")]
+        out += [("branch2.3.weight", 0, idx)] + (
+            [("branch2.3.bias", 0, idx)] if module.branch2[3].bias is not None else []
+        )
+        return [*out, ("branch2.5.weight", 1, idx)]
     if isinstance(module, nn.MultiheadAttention):
         if name == "prune_heads":
             inner = int(module.num_heads) * int(module.head_dim)
