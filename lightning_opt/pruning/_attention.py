@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def _keep(n: int, idxs: Sequence[int]) -> list[int]:
     return [i for i in range(n) if i not in drop]
 
 
-def _select(param: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
+def _select(param: Tensor, keep: list[int], dim: int) -> nn.Parameter:
     index = torch.as_tensor(keep, dtype=torch.long, device=param.device)
     out = nn.Parameter(torch.index_select(param.data, dim, index), requires_grad=param.requires_grad)
     if param.grad is not None:
@@ -104,7 +105,7 @@ class Conv1DPruner(BasePruningFunc):
 
     TARGET_MODULES = None
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove output features ``idxs``."""
         keep = _keep(int(layer.nf), idxs)
         layer.weight = _select(layer.weight, keep, 1)
@@ -113,18 +114,18 @@ class Conv1DPruner(BasePruningFunc):
         layer.nf = len(keep)
         return layer
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove input features ``idxs``."""
         keep = _keep(int(layer.nx), idxs)
         layer.weight = _select(layer.weight, keep, 0)
         layer.nx = len(keep)
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         """Output features."""
         return int(layer.nf)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         """Input features."""
         return int(layer.nx)
 
@@ -141,7 +142,7 @@ class GPT2AttentionPruner(BasePruningFunc):
 
     TARGET_MODULES = None
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove hidden channels ``idxs`` (inputs of ``c_attn``, outputs of ``c_proj``)."""
         Conv1DPruner().prune_in_channels(layer.c_attn, idxs)
         Conv1DPruner().prune_out_channels(layer.c_proj, idxs)
@@ -150,7 +151,7 @@ class GPT2AttentionPruner(BasePruningFunc):
 
     prune_in_channels = prune_out_channels
 
-    def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_heads(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove inner channels ``idxs`` in ``[0, num_heads * head_dim)``, which must form whole heads.
 
         Raises:
@@ -167,15 +168,15 @@ class GPT2AttentionPruner(BasePruningFunc):
         layer.split_size = layer.num_heads * head_dim
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         """Hidden size."""
         return int(layer.c_proj.nf)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         """Hidden size."""
         return int(layer.c_attn.nx)
 
-    def get_inner_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: Any) -> int:
         """Inner channels (``num_heads * head_dim``)."""
         return int(layer.num_heads) * int(layer.head_dim)
 
@@ -223,7 +224,7 @@ class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
         out.weight = _select(out.weight, keep, 1)
         out.in_features = len(keep)
         kept_before = getattr(layer, "kept_heads", list(range(heads)))
-        layer.kept_heads = [h for i, h in enumerate(kept_before) if i not in dropped_heads]
+        layer.kept_heads = [h for i, h in enumerate(kept_before) if i not in dropped_heads]  # type: ignore[assignment]
         layer.num_heads = heads - len(dropped_heads)
         if not isinstance(layer, PrunedMultiheadAttention):
             layer.__class__ = PrunedMultiheadAttention
@@ -232,7 +233,7 @@ class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
         )
         return layer
 
-    def get_inner_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: Any) -> int:
         """Inner channels (``num_heads * head_dim``)."""
         return int(layer.num_heads) * int(layer.head_dim)
 
@@ -248,21 +249,21 @@ class ShuffleBlockPruner(BasePruningFunc):
 
     TARGET_MODULES = None
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Not supported: the block's outputs are shuffled."""
         raise NotImplementedError(
             "the output channels of a ShuffleNet block are shuffled and cannot be removed. HINT: transformer_config "
             "lists the groups that reach them in `ignored`."
         )
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Not supported: the block's inputs are split and shuffled."""
         raise NotImplementedError(
             "the input channels of a ShuffleNet block are split and shuffled and cannot be removed. "
             "HINT: transformer_config lists the groups that reach them in `ignored`."
         )
 
-    def prune_inner(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_inner(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove hidden channels ``idxs`` of ``branch2``."""
         if not idxs:
             return layer
@@ -275,16 +276,16 @@ class ShuffleBlockPruner(BasePruningFunc):
         tp.prune_conv_in_channels(b[5], idxs)
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         """Output channels of the block."""
         out = int(layer.branch2[5].out_channels)
         return out + (int(layer.branch1[2].out_channels) if len(layer.branch1) else out)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         """Input channels of the block."""
         return int(layer.branch1[0].in_channels) if len(layer.branch1) else 2 * int(layer.branch2[0].in_channels)
 
-    def get_inner_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: Any) -> int:
         """Hidden channels of ``branch2``."""
         return int(layer.branch2[0].out_channels)
 
@@ -475,7 +476,9 @@ def _forward(model: nn.Module, example: Any, opaque: Sequence[nn.Module] = ()) -
     ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs. Each ``opaque``
     module runs as one autograd node (:class:`_Opaque`) for this call only, so the trace does not enter it.
     """
-    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    configs: dict[int, Any] = {
+        id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")
+    }
     saved = {k: c.use_cache for k, c in configs.items()}
     try:
         for c in configs.values():
@@ -510,11 +513,9 @@ def _opaque_forward(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is optional
-        return None
-    return Conv1D
+    """Hugging Face ``Conv1D`` if transformers is loaded (a model holding one has loaded it), else None."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def _attention_specs(model: nn.Module) -> tuple[dict[str, AttentionSpec], dict[str, str]]:
@@ -579,10 +580,10 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
 
     Example:
         >>> from torch import nn
-        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
-        >>> config = transformer_config(model, torch.zeros(2, 3, dtype=torch.long))
-        >>> sorted(config.ignored)
-        ['3']
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> config = transformer_config(model, torch.zeros(2, 4))
+        >>> config.ignored["0"][:40]
+        'normalised over by the LayerNorm 1: a ma'
     """
     config = TPConfig()
     conv1d = _conv1d_type()
@@ -615,7 +616,8 @@ def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
 
     Layer scale (``gamma``: ``(C,)`` or ``(C, 1, 1)``), ``cls_token`` and ``pos_embed`` (``(1, N, C)``).
     """
-    known = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    known: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)
+    known += (nn.LayerNorm, nn.GroupNorm)
     known += (nn.Embedding, nn.MultiheadAttention, nn.PReLU)
     conv1d = _conv1d_type()
     if conv1d is not None:
@@ -827,7 +829,8 @@ def channel_units(config: TPConfig, group: tp.Group) -> Tensor | None:
 
 def _inner(spec: AttentionSpec) -> int:
     """The current inner (all heads) size of an attention, read from its projection layers."""
-    m, layer = spec.module, spec.qkv[0]
+    m: Any = spec.module
+    layer: Any = spec.qkv[0]
     if spec.kind == "mha":
         return int(m.num_heads) * int(m.head_dim)
     if spec.kind == "timm":
@@ -860,6 +863,7 @@ def param_slices(
     """
     idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
     name = getattr(handler, "__name__", "")
+    mod: Any = module
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         if name == "prune_out_channels":
@@ -867,7 +871,7 @@ def param_slices(
         return [("weight", 0, idx)]
     if isinstance(getattr(module, "c_attn", None), conv1d or ()) and hasattr(module, "split_size"):
         if name == "prune_heads":
-            inner = int(module.num_heads) * int(module.head_dim)
+            inner = int(mod.num_heads) * int(mod.head_dim)
             cols = torch.cat([idx, idx + inner, idx + 2 * inner])
             return [("c_attn.weight", 1, cols), ("c_attn.bias", 0, cols), ("c_proj.weight", 0, idx)]
         return [("c_attn.weight", 0, idx), ("c_proj.weight", 1, idx), ("c_proj.bias", 0, idx)]
@@ -875,15 +879,15 @@ def param_slices(
         out = [("branch2.0.weight", 0, idx)]
         out += [(f"branch2.{i}.{p}", 0, idx) for i in (1, 4) for p in ("weight", "bias")]
         out += [("branch2.3.weight", 0, idx)] + (
-            [("branch2.3.bias", 0, idx)] if module.branch2[3].bias is not None else []
+            [("branch2.3.bias", 0, idx)] if mod.branch2[3].bias is not None else []
         )
         return [*out, ("branch2.5.weight", 1, idx)]
     if isinstance(module, nn.MultiheadAttention):
         if name == "prune_heads":
-            inner = int(module.num_heads) * int(module.head_dim)
+            inner = int(mod.num_heads) * int(mod.head_dim)
             rows = torch.cat([idx, idx + inner, idx + 2 * inner])
             out = [("in_proj_weight", 0, rows)]
-            if module.in_proj_bias is not None:
+            if mod.in_proj_bias is not None:
                 out.append(("in_proj_bias", 0, rows))
             out.append(("out_proj.weight", 1, idx))
             return out
@@ -910,7 +914,7 @@ def after_removal(model: nn.Module, config: TPConfig) -> None:
     """
     del model  # the specs hold the modules
     for spec in config.attention.values():
-        m = spec.module
+        m: Any = spec.module
         if spec.kind == "bert" and len({layer.out_features for layer in spec.qkv}) != 1:
             raise RuntimeError(
                 f"{spec.name}: query/key/value have {[layer.out_features for layer in spec.qkv]} outputs after "
