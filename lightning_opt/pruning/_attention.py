@@ -71,10 +71,12 @@ __all__ = [
     "PrunedMultiheadAttention",
     "TPConfig",
     "after_removal",
+    "attention_structure",
     "channel_units",
     "extra_groups",
     "head_slices",
     "param_slices",
+    "restore_attention_structure",
     "transformer_config",
 ]
 
@@ -457,6 +459,21 @@ class TPConfig:
         modules = dict(model.named_modules())
         return [modules[n] for n in self.ignored if n in modules]
 
+    def members(self, module: nn.Module) -> list[nn.Module]:
+        """The layers whose channels the inner group of ``module`` (a :attr:`inner` module) removes.
+
+        For a root filter: keep an :func:`extra_groups` group when one of these layers is selected for pruning.
+        """
+        m: Any = module
+        spec = self.head_module(module)
+        if spec is not None and spec.kind == "mha":
+            return [module, m.out_proj]
+        if spec is not None and spec.kind == "gpt2":
+            return [m.c_attn, m.c_proj]
+        if _is_shuffle_block(module):
+            return [m.branch2[0], m.branch2[3], m.branch2[5]]
+        return []
+
     def head_module(self, module: nn.Module) -> AttentionSpec | None:
         """The attention whose q/k/v projections include ``module`` (or which is ``module``), if any."""
         for spec in self.attention.values():
@@ -525,7 +542,7 @@ def _attention_specs(model: nn.Module) -> tuple[dict[str, AttentionSpec], dict[s
     for name, m in model.named_modules():
         cls = type(m).__name__
         if isinstance(m, nn.MultiheadAttention):
-            if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            if not (m._qkv_same_embed_dim or isinstance(m, PrunedMultiheadAttention)) or m.in_proj_weight is None:
                 refused[name] = "nn.MultiheadAttention with kdim/vdim != embed_dim: heads are not pruned"
             elif m.bias_k is not None or m.add_zero_attn:
                 refused[name] = "nn.MultiheadAttention with add_bias_kv/add_zero_attn: heads are not pruned"
@@ -934,3 +951,104 @@ def after_removal(model: nn.Module, config: TPConfig) -> None:
         else:
             m.num_heads, m.split_size = heads, inner
         config.num_heads.update({layer: heads for layer in spec.qkv})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving and reloading a pruned structure
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Attributes the attention ``forward`` methods read, by kind.
+_HEAD_ATTRS = {
+    "mha": ("num_heads",),
+    "timm": ("num_heads", "attn_dim"),
+    "bert": ("num_attention_heads", "all_head_size"),
+    "gpt2": ("num_heads", "split_size"),
+}
+
+
+def attention_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Head counts and sizes of every attention module and the shape of every ``Conv1D`` (plain ints and int lists).
+
+    Store it beside the state dict of a model whose heads were removed; :func:`restore_attention_structure` rebuilds
+    the thin attention on a freshly built model. The format (``{module name: {attribute: value}}``) is the one of
+    :func:`~lightning_opt.pruning._channel.pruned_structure`, so the two can be merged.
+
+    Example:
+        >>> attn = nn.MultiheadAttention(8, 2)
+        >>> _ = MultiheadAttentionHeadPruner().prune_heads(attn, [4, 5, 6, 7])
+        >>> attention_structure(nn.Sequential(attn))
+        {'0': {'num_heads': 1, 'kept_heads': [0]}}
+    """
+    specs, _ = _attention_specs(model)
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        m: Any = spec.module
+        attrs: dict[str, Any] = {a: int(getattr(m, a)) for a in _HEAD_ATTRS[spec.kind]}
+        if isinstance(m, PrunedMultiheadAttention):
+            attrs["kept_heads"] = [int(h) for h in m.kept_heads]
+        out[name] = attrs
+    conv1d = _conv1d_type()
+    if conv1d is not None:
+        for name, layer in model.named_modules():
+            if isinstance(layer, conv1d):
+                c: Any = layer
+                out[name] = {"nf": int(c.nf), "nx": int(c.nx)}
+    return out
+
+
+def restore_attention_structure(
+    model: nn.Module, structure: dict[str, dict[str, Any]], state_dict: dict[str, Tensor] | None = None
+) -> None:
+    """Set the head counts and sizes saved by :func:`attention_structure` on a freshly built model.
+
+    A ``nn.MultiheadAttention`` saved with ``kept_heads`` becomes a :class:`PrunedMultiheadAttention`. With
+    ``state_dict``, the parameters of the listed modules are also resized to the saved shapes, so that
+    ``model.load_state_dict(state_dict)`` works.
+
+    Args:
+        model: a new instance built with the original constructor arguments.
+        structure: from :func:`attention_structure` (other entries are ignored).
+        state_dict: the saved state dict (optional).
+
+    Raises:
+        ValueError: if ``structure`` names a module ``model`` does not have.
+
+    Example:
+        >>> attn = nn.MultiheadAttention(8, 2)
+        >>> _ = MultiheadAttentionHeadPruner().prune_heads(attn, [0, 1, 2, 3])
+        >>> saved, state = attention_structure(nn.Sequential(attn)), nn.Sequential(attn).state_dict()
+        >>> fresh = nn.Sequential(nn.MultiheadAttention(8, 2))
+        >>> restore_attention_structure(fresh, saved, state)
+        >>> fresh.load_state_dict(state)
+        <All keys matched successfully>
+        >>> type(fresh[0]).__name__, fresh[0].num_heads, fresh[0].kept_heads
+        ('PrunedMultiheadAttention', 1, [1])
+    """
+    modules = dict(model.named_modules())
+    for name, attrs in structure.items():
+        module: Any = modules.get(name)
+        if module is None:
+            raise ValueError(
+                f"`structure` names a module {name!r} that {type(model).__name__} does not have. "
+                "HINT: build the model with the constructor arguments it was pruned with."
+            )
+        known = {"kept_heads", "nf", "nx", *(a for attrs_ in _HEAD_ATTRS.values() for a in attrs_)}
+        for attr, value in attrs.items():
+            if attr in known:
+                setattr(module, attr, list(value) if isinstance(value, list) else int(value))
+        if "kept_heads" in attrs and isinstance(module, nn.MultiheadAttention):
+            module.__class__ = PrunedMultiheadAttention
+            module._qkv_same_embed_dim = False
+        if state_dict is None:
+            continue
+        prefix = f"{name}." if name else ""
+        for sub_name, sub in module.named_modules():
+            sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
+            for key, param in list(sub._parameters.items()):
+                saved = state_dict.get(sub_prefix + key)
+                if param is None or saved is None or saved.shape == param.shape:
+                    continue
+                empty = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
+                sub._parameters[key] = nn.Parameter(empty, requires_grad=param.requires_grad)
+            if isinstance(sub, nn.Linear):
+                sub.out_features, sub.in_features = sub.weight.shape

@@ -22,12 +22,15 @@ from lightning_opt.pruning._attention import (
     PrunedMultiheadAttention,
     TPConfig,
     after_removal,
+    attention_structure,
     channel_units,
     extra_groups,
     head_slices,
     param_slices,
+    restore_attention_structure,
     transformer_config,
 )
+from lightning_opt.pruning._channel import STRUCTURE_KEY, pruned_structure, restore_pruned_structure
 from lightning_opt.testing import zoo
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -69,8 +72,8 @@ def _drop(units: Tensor | None, n: int, every: int = 2) -> list[int]:
     return [i for i in range(n) if int(units[i]) in chosen]
 
 
-def prune_and_compare(model: nn.Module, example: Any) -> dict[str, Any]:
-    """Mask and remove the chosen channels of every group; return outputs and counts."""
+def prune_and_compare(model: nn.Module, example: Any, heads_only: bool = False) -> dict[str, Any]:
+    """Mask and remove the chosen channels of every group (or of the head groups); return outputs and counts."""
     model.eval()
     config = transformer_config(model, example)
     dg = _graph(model, example, config)
@@ -80,7 +83,10 @@ def prune_and_compare(model: nn.Module, example: Any) -> dict[str, Any]:
     plan, head_groups = [], 0
     for group in _groups(model, dg, config):
         root, handler = group[0].dep.target.module, group[0].dep.handler
-        head_groups += head_slices(config, group) is not None
+        is_head = head_slices(config, group) is not None
+        head_groups += is_head
+        if heads_only and not is_head:
+            continue
         idxs = _drop(channel_units(config, group), len(group[0].idxs))
         plan.append((root, handler, idxs))
         for item in dg.get_pruning_group(root, handler, idxs).items:
@@ -322,3 +328,35 @@ def test_after_removal_refuses_partial_heads() -> None:
     tp.prune_linear_out_channels(qkv, [0, 1, 2])  # 189 = 3 x 63: not whole heads of 16
     with pytest.raises(RuntimeError, match="63 inner channels is not a whole number of heads of 16"):
         after_removal(model, config)
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "gpt2", "demo_transformer"])
+def test_head_structure_reloads_into_a_fresh_model(name: str) -> None:
+    if not zoo.available(name):
+        pytest.skip(f"{name} needs {zoo.ZOO[name].requires}")
+    torch.manual_seed(0)
+    model = zoo.ZooModule(name)
+    r = prune_and_compare(model, model.example_input_array, heads_only=True)
+    assert_same(r)
+    # as a checkpoint holds it: the layer shapes (ChannelGroups) merged with the head counts and sizes
+    heads, layers, state = attention_structure(model), pruned_structure(model), model.state_dict()
+    structure = {n: {**layers.get(n, {}), **heads.get(n, {})} for n in {*layers, *heads}}
+    fresh = zoo.ZooModule(name).eval()
+    assert restore_pruned_structure(fresh, {"state_dict": state, STRUCTURE_KEY: structure})
+    restore_attention_structure(fresh, structure, state)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(inputs.call(fresh, model.example_input_array), r["removed"], atol=1e-6, rtol=0)
+    assert attention_structure(fresh) == heads
+
+
+def test_restore_attention_structure_names_a_missing_module() -> None:
+    with pytest.raises(ValueError, match="names a module 'encoder' that Sequential does not have"):
+        restore_attention_structure(nn.Sequential(nn.Linear(2, 2)), {"encoder": {"num_heads": 2}})
+
+
+def test_members_of_inner_groups() -> None:
+    model = _AttnBlock().eval()
+    config = transformer_config(model, torch.randn(1, 3, 64))
+    assert config.members(model.attn) == [model.attn, model.attn.out_proj]
+    assert config.members(model.fc) == []
