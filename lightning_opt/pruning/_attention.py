@@ -14,16 +14,29 @@ the head counts and sizes the attention ``forward`` methods read.
 How :class:`~lightning_opt.pruning._channel.ChannelGroups` uses it:
 
 1. ``config = transformer_config(model, example_inputs)`` and
-   ``dg = tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())``.
+   ``dg = tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())`` (the kwargs hold
+   the customized pruners, the unwrapped parameters and a ``forward_fn`` that calls the model the
+   :mod:`lightning_opt.inputs` way; ShuffleNet blocks and Hugging Face caches need that ``forward_fn`` to trace).
 2. ``ignored_layers`` += ``config.ignored_modules(model)``, ``root_module_types`` += ``config.root_module_types``;
-   groups are ``dg.get_all_groups(...)`` plus ``extra_groups(config, dg)``.
-3. For each group, ``head_slices(config, group)`` is ``None`` (score and mask channels one by one) or a tensor giving
-   the head of every root channel: score heads as units (sum of the channel scores of the head) and keep or drop
-   all channels of a head together (``-1``: a channel of no head, which is kept).
-4. Masks: for a group item whose module the channel code does not know, ``param_slices(config, module, handler,
-   idxs)`` gives ``(parameter name, dim, indices)`` to zero.
+   groups are ``dg.get_all_groups(...)`` plus ``extra_groups(config, dg)`` (keep an extra group when one of
+   ``config.members(group[0].dep.target.module)`` is selected for pruning).
+3. Units: ``channel_units(config, group)`` is ``None`` (every channel is a unit) or the unit of every root channel:
+   an attention head, or the channels at one position in every group of a grouped convolution. Score units as
+   wholes (sum of their channel scores) and keep or drop all channels of a unit together.
+   ``head_slices(config, group)`` says whether the group is an attention head group (and numbers its heads).
+4. Masks: for a group item whose module the channel code does not know (``Conv1D``, ``nn.MultiheadAttention``, GPT-2
+   attention, ShuffleNet blocks), ``param_slices(config, module, handler, idxs)`` gives ``(parameter name, dim,
+   indices)`` to zero; fused q/k/v give ``k * len(idxs)`` indices, ``[q rows, k rows, v rows]`` in that order.
 5. At fit end: ``dg.get_pruning_group(root, handler, idxs).prune()`` for each group, then
    ``after_removal(model, config)``.
+6. Checkpoints: merge ``attention_structure(model)`` into the saved layer shapes; after rebuilding the layers, call
+   ``restore_attention_structure(model, structure)`` (it turns a head-pruned ``nn.MultiheadAttention`` back into a
+   :class:`PrunedMultiheadAttention`).
+
+What is kept (listed in :attr:`TPConfig.ignored` with the reason): the hidden size of a transformer (set by its
+embeddings, normalised by its LayerNorms), channels a LayerNorm or GroupNorm normalises over (ConvNeXt stages), the
+input/output channels of ShuffleNet blocks (split, concatenated and shuffled), attention modules of unsupported forms
+(cross-attention GPT-2, q/k norm, kdim/vdim, ``add_bias_kv``).
 
 Example:
     >>> import torch, torch_pruning as tp
@@ -497,16 +510,18 @@ def _forward(model: nn.Module, example: Any, opaque: Sequence[nn.Module] = ()) -
         id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")
     }
     saved = {k: c.use_cache for k, c in configs.items()}
+    patched: list[nn.Module] = []
     try:
         for c in configs.values():
             c.use_cache = False
         for m in opaque:
             m.forward = functools.partial(_opaque_forward, type(m).forward.__get__(m))  # type: ignore[method-assign]
+            patched.append(m)
         return inputs.call(model, example)
     finally:
         for k, c in configs.items():
             c.use_cache = saved[k]
-        for m in opaque:
+        for m in patched:
             del m.forward
 
 
