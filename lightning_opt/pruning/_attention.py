@@ -14,16 +14,29 @@ the head counts and sizes the attention ``forward`` methods read.
 How :class:`~lightning_opt.pruning._channel.ChannelGroups` uses it:
 
 1. ``config = transformer_config(model, example_inputs)`` and
-   ``dg = tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())``.
+   ``dg = tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())`` (the kwargs hold
+   the customized pruners, the unwrapped parameters and a ``forward_fn`` that calls the model the
+   :mod:`lightning_opt.inputs` way; ShuffleNet blocks and Hugging Face caches need that ``forward_fn`` to trace).
 2. ``ignored_layers`` += ``config.ignored_modules(model)``, ``root_module_types`` += ``config.root_module_types``;
-   groups are ``dg.get_all_groups(...)`` plus ``extra_groups(config, dg)``.
-3. For each group, ``head_slices(config, group)`` is ``None`` (score and mask channels one by one) or a tensor giving
-   the head of every root channel: score heads as units (sum of the channel scores of the head) and keep or drop
-   all channels of a head together (``-1``: a channel of no head, which is kept).
-4. Masks: for a group item whose module the channel code does not know, ``param_slices(config, module, handler,
-   idxs)`` gives ``(parameter name, dim, indices)`` to zero.
+   groups are ``dg.get_all_groups(...)`` plus ``extra_groups(config, dg)`` (keep an extra group when one of
+   ``config.members(group[0].dep.target.module)`` is selected for pruning).
+3. Units: ``channel_units(config, group)`` is ``None`` (every channel is a unit) or the unit of every root channel:
+   an attention head, or the channels at one position in every group of a grouped convolution. Score units as
+   wholes (sum of their channel scores) and keep or drop all channels of a unit together.
+   ``head_slices(config, group)`` says whether the group is an attention head group (and numbers its heads).
+4. Masks: for a group item whose module the channel code does not know (``Conv1D``, ``nn.MultiheadAttention``, GPT-2
+   attention, ShuffleNet blocks), ``param_slices(config, module, handler, idxs)`` gives ``(parameter name, dim,
+   indices)`` to zero; fused q/k/v give ``k * len(idxs)`` indices, ``[q rows, k rows, v rows]`` in that order.
 5. At fit end: ``dg.get_pruning_group(root, handler, idxs).prune()`` for each group, then
    ``after_removal(model, config)``.
+6. Checkpoints: merge ``attention_structure(model)`` into the saved layer shapes; after rebuilding the layers, call
+   ``restore_attention_structure(model, structure)`` (it turns a head-pruned ``nn.MultiheadAttention`` back into a
+   :class:`PrunedMultiheadAttention`).
+
+What is kept (listed in :attr:`TPConfig.ignored` with the reason): the hidden size of a transformer (set by its
+embeddings, normalised by its LayerNorms), channels a LayerNorm or GroupNorm normalises over (ConvNeXt stages), the
+input/output channels of ShuffleNet blocks (split, concatenated and shuffled), attention modules of unsupported forms
+(cross-attention GPT-2, q/k norm, kdim/vdim, ``add_bias_kv``).
 
 Example:
     >>> import torch, torch_pruning as tp
@@ -48,7 +61,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,9 +84,12 @@ __all__ = [
     "PrunedMultiheadAttention",
     "TPConfig",
     "after_removal",
+    "attention_structure",
+    "channel_units",
     "extra_groups",
     "head_slices",
     "param_slices",
+    "restore_attention_structure",
     "transformer_config",
 ]
 
@@ -86,7 +104,7 @@ def _keep(n: int, idxs: Sequence[int]) -> list[int]:
     return [i for i in range(n) if i not in drop]
 
 
-def _select(param: nn.Parameter, keep: list[int], dim: int) -> nn.Parameter:
+def _select(param: Tensor, keep: list[int], dim: int) -> nn.Parameter:
     index = torch.as_tensor(keep, dtype=torch.long, device=param.device)
     out = nn.Parameter(torch.index_select(param.data, dim, index), requires_grad=param.requires_grad)
     if param.grad is not None:
@@ -102,7 +120,7 @@ class Conv1DPruner(BasePruningFunc):
 
     TARGET_MODULES = None
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove output features ``idxs``."""
         keep = _keep(int(layer.nf), idxs)
         layer.weight = _select(layer.weight, keep, 1)
@@ -111,18 +129,18 @@ class Conv1DPruner(BasePruningFunc):
         layer.nf = len(keep)
         return layer
 
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove input features ``idxs``."""
         keep = _keep(int(layer.nx), idxs)
         layer.weight = _select(layer.weight, keep, 0)
         layer.nx = len(keep)
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         """Output features."""
         return int(layer.nf)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         """Input features."""
         return int(layer.nx)
 
@@ -139,7 +157,7 @@ class GPT2AttentionPruner(BasePruningFunc):
 
     TARGET_MODULES = None
 
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove hidden channels ``idxs`` (inputs of ``c_attn``, outputs of ``c_proj``)."""
         Conv1DPruner().prune_in_channels(layer.c_attn, idxs)
         Conv1DPruner().prune_out_channels(layer.c_proj, idxs)
@@ -148,7 +166,7 @@ class GPT2AttentionPruner(BasePruningFunc):
 
     prune_in_channels = prune_out_channels
 
-    def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    def prune_heads(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
         """Remove inner channels ``idxs`` in ``[0, num_heads * head_dim)``, which must form whole heads.
 
         Raises:
@@ -165,15 +183,15 @@ class GPT2AttentionPruner(BasePruningFunc):
         layer.split_size = layer.num_heads * head_dim
         return layer
 
-    def get_out_channels(self, layer: nn.Module) -> int:
+    def get_out_channels(self, layer: Any) -> int:
         """Hidden size."""
         return int(layer.c_proj.nf)
 
-    def get_in_channels(self, layer: nn.Module) -> int:
+    def get_in_channels(self, layer: Any) -> int:
         """Hidden size."""
         return int(layer.c_attn.nx)
 
-    def get_head_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: Any) -> int:
         """Inner channels (``num_heads * head_dim``)."""
         return int(layer.num_heads) * int(layer.head_dim)
 
@@ -221,16 +239,82 @@ class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
         out.weight = _select(out.weight, keep, 1)
         out.in_features = len(keep)
         kept_before = getattr(layer, "kept_heads", list(range(heads)))
-        layer.kept_heads = [h for i, h in enumerate(kept_before) if i not in dropped_heads]
+        layer.kept_heads = [h for i, h in enumerate(kept_before) if i not in dropped_heads]  # type: ignore[assignment]
         layer.num_heads = heads - len(dropped_heads)
         if not isinstance(layer, PrunedMultiheadAttention):
             layer.__class__ = PrunedMultiheadAttention
-        layer._qkv_same_embed_dim = False  # turns off the fused fast paths of nn.Transformer*Layer that assume E == inner
+        layer._qkv_same_embed_dim = (
+            False  # turns off the fused fast paths of nn.Transformer*Layer that assume E == inner
+        )
         return layer
 
-    def get_head_channels(self, layer: nn.Module) -> int:
+    def get_inner_channels(self, layer: Any) -> int:
         """Inner channels (``num_heads * head_dim``)."""
         return int(layer.num_heads) * int(layer.head_dim)
+
+
+class ShuffleBlockPruner(BasePruningFunc):
+    """Torch-Pruning pruner for torchvision's ShuffleNetV2 ``InvertedResidual``: one node, inner channels prunable.
+
+    The block splits its input in two, concatenates and shuffles the channels; Torch-Pruning 1.6 cannot map the
+    shuffle's reshapes (``integer division or modulo by zero``) nor ``chunk`` on torch 2.x, so the block is traced as
+    one node whose input and output channels are kept. :meth:`prune_inner` removes hidden channels of ``branch2``
+    (1x1 conv out, BatchNorm, depthwise 3x3 conv, BatchNorm, 1x1 conv in), which never meet the shuffle.
+    """
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Not supported: the block's outputs are shuffled."""
+        raise NotImplementedError(
+            "the output channels of a ShuffleNet block are shuffled and cannot be removed. HINT: transformer_config "
+            "lists the groups that reach them in `ignored`."
+        )
+
+    def prune_in_channels(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Not supported: the block's inputs are split and shuffled."""
+        raise NotImplementedError(
+            "the input channels of a ShuffleNet block are split and shuffled and cannot be removed. "
+            "HINT: transformer_config lists the groups that reach them in `ignored`."
+        )
+
+    def prune_inner(self, layer: Any, idxs: Sequence[int]) -> nn.Module:
+        """Remove hidden channels ``idxs`` of ``branch2``."""
+        if not idxs:
+            return layer
+        b = layer.branch2
+        idxs = sorted(int(i) for i in idxs)
+        tp.prune_conv_out_channels(b[0], idxs)
+        tp.prune_batchnorm_out_channels(b[1], idxs)
+        tp.prune_depthwise_conv_out_channels(b[3], idxs)
+        tp.prune_batchnorm_out_channels(b[4], idxs)
+        tp.prune_conv_in_channels(b[5], idxs)
+        return layer
+
+    def get_out_channels(self, layer: Any) -> int:
+        """Output channels of the block."""
+        out = int(layer.branch2[5].out_channels)
+        return out + (int(layer.branch1[2].out_channels) if len(layer.branch1) else out)
+
+    def get_in_channels(self, layer: Any) -> int:
+        """Input channels of the block."""
+        return int(layer.branch1[0].in_channels) if len(layer.branch1) else 2 * int(layer.branch2[0].in_channels)
+
+    def get_inner_channels(self, layer: Any) -> int:
+        """Hidden channels of ``branch2``."""
+        return int(layer.branch2[0].out_channels)
+
+
+def _is_shuffle_block(m: nn.Module) -> bool:
+    b1, b2 = getattr(m, "branch1", None), getattr(m, "branch2", None)
+    return (
+        type(m).__name__ == "InvertedResidual"
+        and isinstance(b1, nn.Sequential)
+        and isinstance(b2, nn.Sequential)
+        and len(b2) == 8
+        and isinstance(b2[3], nn.Conv2d)
+        and b2[3].groups == b2[3].out_channels
+    )
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -354,6 +438,8 @@ class TPConfig:
         ignored: ``{layer name: reason}`` for layers that must not be channel-pruned (embeddings and the residual
             stream they set, groups a LayerNorm normalises over, output layers of attention that cannot be reshaped).
         attention: the attention modules, by name.
+        inner: modules traced as one node whose inner channels are groups of their own (``nn.MultiheadAttention``,
+            GPT-2 attention, ShuffleNet blocks), by name: see :func:`extra_groups`.
         prune_num_heads: heads are removed whole (always True here; head dims are never pruned, so the attention
             scale ``head_dim ** -0.5`` stays exact).
     """
@@ -364,6 +450,7 @@ class TPConfig:
     root_module_types: tuple[type, ...] = ()
     ignored: dict[str, str] = field(default_factory=dict)
     attention: dict[str, AttentionSpec] = field(default_factory=dict)
+    inner: dict[str, nn.Module] = field(default_factory=dict)
     prune_num_heads: bool = True
 
     def graph_kwargs(self) -> dict[str, Any]:
@@ -372,10 +459,11 @@ class TPConfig:
         Includes a ``forward_fn`` that calls the model the way :mod:`lightning_opt.inputs` does (a tuple is
         positional, a dict keyword), so a one-tensor input is never unpacked along its batch dimension.
         """
+        opaque = [m for m in self.inner.values() if _is_shuffle_block(m)]
         return {
             "customized_pruners": dict(self.customized_pruners),
             "unwrapped_parameters": list(self.unwrapped_parameters),
-            "forward_fn": _forward,
+            "forward_fn": functools.partial(_forward, opaque=opaque),
             "verbose": False,
         }
 
@@ -383,6 +471,21 @@ class TPConfig:
         """The modules named in :attr:`ignored` (for ``get_all_groups(ignored_layers=...)``)."""
         modules = dict(model.named_modules())
         return [modules[n] for n in self.ignored if n in modules]
+
+    def members(self, module: nn.Module) -> list[nn.Module]:
+        """The layers whose channels the inner group of ``module`` (a :attr:`inner` module) removes.
+
+        For a root filter: keep an :func:`extra_groups` group when one of these layers is selected for pruning.
+        """
+        m: Any = module
+        spec = self.head_module(module)
+        if spec is not None and spec.kind == "mha":
+            return [module, m.out_proj]
+        if spec is not None and spec.kind == "gpt2":
+            return [m.c_attn, m.c_proj]
+        if _is_shuffle_block(module):
+            return [m.branch2[0], m.branch2[3], m.branch2[5]]
+        return []
 
     def head_module(self, module: nn.Module) -> AttentionSpec | None:
         """The attention whose q/k/v projections include ``module`` (or which is ``module``), if any."""
@@ -396,29 +499,55 @@ class TPConfig:
 _MODULE_LEVEL = ("mha", "gpt2")
 
 
-def _forward(model: nn.Module, example: Any) -> Any:
-    """Call the model on an example for tracing, with Hugging Face key/value caches off.
+def _forward(model: nn.Module, example: Any, opaque: Sequence[nn.Module] = ()) -> Any:
+    """Call the model on an example for tracing, with Hugging Face key/value caches off and ``opaque`` blocks as one op.
 
     A cache concatenates each key/value onto an empty tensor, a concatenation Torch-Pruning cannot map (it fails with
-    ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs.
+    ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs. Each ``opaque``
+    module runs as one autograd node (:class:`_Opaque`) for this call only, so the trace does not enter it.
     """
-    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    configs: dict[int, Any] = {
+        id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")
+    }
     saved = {k: c.use_cache for k, c in configs.items()}
+    patched: list[nn.Module] = []
     try:
         for c in configs.values():
             c.use_cache = False
+        for m in opaque:
+            m.forward = functools.partial(_opaque_forward, type(m).forward.__get__(m))  # type: ignore[method-assign]
+            patched.append(m)
         return inputs.call(model, example)
     finally:
         for k, c in configs.items():
             c.use_cache = saved[k]
+        for m in patched:
+            del m.forward
+
+
+class _Opaque(torch.autograd.Function):
+    """Runs a module's forward as one autograd node whose only input is the module's input (tracing only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None]:  # pragma: no cover - never differentiated
+        raise RuntimeError("_Opaque is for dependency tracing only.")
+
+
+def _opaque_forward(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    out = _Opaque.apply(x, fn)
+    assert isinstance(out, Tensor)
+    return out
 
 
 def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is optional
-        return None
-    return Conv1D
+    """Hugging Face ``Conv1D`` if transformers is loaded (a model holding one has loaded it), else None."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def _attention_specs(model: nn.Module) -> tuple[dict[str, AttentionSpec], dict[str, str]]:
@@ -428,7 +557,7 @@ def _attention_specs(model: nn.Module) -> tuple[dict[str, AttentionSpec], dict[s
     for name, m in model.named_modules():
         cls = type(m).__name__
         if isinstance(m, nn.MultiheadAttention):
-            if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            if not (m._qkv_same_embed_dim or isinstance(m, PrunedMultiheadAttention)) or m.in_proj_weight is None:
                 refused[name] = "nn.MultiheadAttention with kdim/vdim != embed_dim: heads are not pruned"
             elif m.bias_k is not None or m.add_zero_attn:
                 refused[name] = "nn.MultiheadAttention with add_bias_kv/add_zero_attn: heads are not pruned"
@@ -483,10 +612,10 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
 
     Example:
         >>> from torch import nn
-        >>> model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
-        >>> config = transformer_config(model, torch.zeros(2, 3, dtype=torch.long))
-        >>> sorted(config.ignored)
-        ['3']
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> config = transformer_config(model, torch.zeros(2, 4))
+        >>> config.ignored["0"][:40]
+        'normalised over by the LayerNorm 1: a ma'
     """
     config = TPConfig()
     conv1d = _conv1d_type()
@@ -501,6 +630,13 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
             config.num_heads[layer] = spec.num_heads
         if spec.kind == "gpt2":
             config.customized_pruners[type(spec.module)] = GPT2AttentionPruner()
+    for name, spec in config.attention.items():
+        if spec.kind in _MODULE_LEVEL:
+            config.inner[name] = spec.module
+    for name, m in model.named_modules():
+        if _is_shuffle_block(m):
+            config.customized_pruners[type(m)] = ShuffleBlockPruner()
+            config.inner[name] = m
     config.unwrapped_parameters = _unwrapped(model)
     config.ignored.update(refused)
     config.ignored.update(_inconsistent_groups(model, example_inputs, config))
@@ -512,7 +648,8 @@ def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
 
     Layer scale (``gamma``: ``(C,)`` or ``(C, 1, 1)``), ``cls_token`` and ``pos_embed`` (``(1, N, C)``).
     """
-    known = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    known: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)
+    known += (nn.LayerNorm, nn.GroupNorm)
     known += (nn.Embedding, nn.MultiheadAttention, nn.PReLU)
     conv1d = _conv1d_type()
     if conv1d is not None:
@@ -551,25 +688,39 @@ def _inconsistent_groups(model: nn.Module, example_inputs: Any, config: TPConfig
     unwrapped = {id(p): n for n, p in model.named_parameters()}
     ignored: dict[str, str] = {}
     for group in dg.get_all_groups(root_module_types=_roots(config)):
-        reason = None
+        reasons: list[tuple[int, str]] = []  # (priority, reason): the embedding explains a residual stream best
         for item in group.items:
             mod = item.dep.target.module
             is_out = dg.is_out_channel_pruning_fn(item.dep.handler)
             if isinstance(mod, nn.Embedding) and is_out:
-                reason = f"hidden size set by the embedding {names.get(mod, '?')} (the residual stream): kept"
+                reasons.append(
+                    (0, f"hidden size set by the embedding {names.get(mod, '?')} (the residual stream): kept")
+                )
             elif isinstance(mod, nn.Parameter) and mod.dim() == 3 and id(mod) in unwrapped:
-                reason = f"hidden size set by the parameter {unwrapped[id(mod)]} (token/position embedding): kept"
+                reasons.append(
+                    (1, f"hidden size set by the parameter {unwrapped[id(mod)]} (token/position embedding): kept")
+                )
+            elif isinstance(mod, nn.MultiheadAttention):
+                reasons.append(
+                    (2, f"embedding dimension of the attention {names.get(mod, '?')} (its heads are pruned instead)")
+                )
+            elif any(mod is m for m in config.inner.values()):
+                reasons.append(
+                    (3, f"channels of {names.get(mod, '?')}, traced as one node (only its inner channels are pruned)")
+                )
             elif isinstance(mod, nn.LayerNorm) and is_out:
-                reason = (
-                    f"normalised over by the LayerNorm {names.get(mod, '?')}: a masked channel still counts in its "
-                    "mean and variance, so removal would change the outputs"
+                reasons.append(
+                    (
+                        4,
+                        f"normalised over by the LayerNorm {names.get(mod, '?')}: a masked channel still counts in its "
+                        "mean and variance, so removal would change the outputs",
+                    )
                 )
             elif isinstance(mod, nn.GroupNorm) and is_out and mod.num_channels != mod.num_groups:
-                reason = f"normalised over by the GroupNorm {names.get(mod, '?')} ({mod.num_groups} groups)"
-            elif isinstance(mod, nn.MultiheadAttention):
-                reason = f"embedding dimension of the attention {names.get(mod, '?')} (its heads are pruned instead)"
-            if reason:
-                break
+                reasons.append(
+                    (5, f"normalised over by the GroupNorm {names.get(mod, '?')} ({mod.num_groups} groups of channels)")
+                )
+        reason = min(reasons)[1] if reasons else None
         if reason is None:
             continue
         for item in group.items:
@@ -590,19 +741,22 @@ def _inconsistent_groups(model: nn.Module, example_inputs: Any, config: TPConfig
 
 
 def extra_groups(config: TPConfig, dg: tp.DependencyGraph) -> list[tp.Group]:
-    """Head groups ``dg.get_all_groups`` cannot find: the heads of each ``nn.MultiheadAttention``.
+    """Groups ``dg.get_all_groups`` cannot find: the inner channels of the modules in :attr:`TPConfig.inner`.
 
-    Each group's root is the attention module with handler :meth:`MultiheadAttentionHeadPruner.prune_heads` and one
-    channel per inner (q/k/v) channel; remove with ``dg.get_pruning_group(module, handler, idxs).prune()``.
+    The heads of each ``nn.MultiheadAttention`` and GPT-2 attention (handler ``prune_heads``, one channel per inner
+    q/k/v channel; :func:`head_slices` numbers their heads) and the hidden channels of ShuffleNet blocks (handler
+    ``prune_inner``). Remove with ``dg.get_pruning_group(group[0].dep.target.module, group[0].dep.handler,
+    idxs).prune()``, as any other group.
     """
     groups = []
-    for spec in config.attention.values():
-        if spec.kind not in _MODULE_LEVEL or spec.module not in dg.module2node:
+    for module in config.inner.values():
+        if module not in dg.module2node:
             continue
-        pruner = dg.get_pruner_of_module(spec.module)
-        assert isinstance(pruner, (MultiheadAttentionHeadPruner, GPT2AttentionPruner))
-        n = pruner.get_head_channels(spec.module)
-        groups.append(dg.get_pruning_group(spec.module, pruner.prune_heads, list(range(n))))
+        pruner = dg.get_pruner_of_module(module)
+        handler = getattr(pruner, "prune_heads", None) or getattr(pruner, "prune_inner", None)
+        assert handler is not None, f"no inner-channel pruner for {type(module).__name__}"
+        n = pruner.get_inner_channels(module)
+        groups.append(dg.get_pruning_group(module, handler, list(range(n))))
     return groups
 
 
@@ -645,9 +799,70 @@ def head_slices(config: TPConfig, group: tp.Group) -> Tensor | None:
     return None
 
 
+def channel_units(config: TPConfig, group: tp.Group) -> Tensor | None:
+    """The unit of each root channel of ``group``: channels of one unit must be kept or removed together.
+
+    A unit is an attention head (:func:`head_slices`), or, through a grouped convolution with ``G`` groups (not
+    depthwise), the channels at the same position in every group (``c % (C / G)``): removal keeps the convolution's
+    groups equal in size only when each group loses the same positions. ``None`` when every channel is a unit.
+
+    Args:
+        config: from :func:`transformer_config`.
+        group: a group from ``dg.get_all_groups`` or :func:`extra_groups`.
+
+    Returns:
+        A ``long`` tensor with one unit number (``0..U-1``, in order of first channel) per root channel, or ``None``.
+
+    Example:
+        >>> import torch_pruning as tp
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
+        >>> dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, 3, 8, 8))
+        >>> group = dg.get_pruning_group(model[0], tp.prune_conv_out_channels, list(range(8)))
+        >>> channel_units(TPConfig(), group).tolist()
+        [0, 1, 2, 3, 0, 1, 2, 3]
+    """
+    root_idxs = [int(r) for r in group[0].root_idxs]
+    n = len(root_idxs)
+    pos = {r: i for i, r in enumerate(root_idxs)}
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    constrained = False
+    heads = head_slices(config, group)
+    keys: list[dict[int, int]] = []
+    if heads is not None:
+        constrained = True
+        keys.append({i: int(h) for i, h in enumerate(heads.tolist()) if h >= 0})
+    for item in group.items:
+        mod = item.dep.target.module
+        if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or mod.groups == 1 or mod.groups == mod.out_channels:
+            continue
+        size = mod.out_channels if group._DG.is_out_channel_pruning_fn(item.dep.handler) else mod.in_channels
+        period = size // mod.groups
+        constrained = True
+        keys.append({pos[int(r)]: int(t) % period for t, r in zip(item.idxs, item.root_idxs)})
+    if not constrained:
+        return None
+    for key in keys:
+        first: dict[int, int] = {}
+        for i, k in key.items():
+            if k in first:
+                parent[find(i)] = find(first[k])
+            else:
+                first[k] = i
+    labels: dict[int, int] = {}
+    return torch.tensor([labels.setdefault(find(i), len(labels)) for i in range(n)], dtype=torch.long)
+
+
 def _inner(spec: AttentionSpec) -> int:
     """The current inner (all heads) size of an attention, read from its projection layers."""
-    m, layer = spec.module, spec.qkv[0]
+    m: Any = spec.module
+    layer: Any = spec.qkv[0]
     if spec.kind == "mha":
         return int(m.num_heads) * int(m.head_dim)
     if spec.kind == "timm":
@@ -680,6 +895,7 @@ def param_slices(
     """
     idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
     name = getattr(handler, "__name__", "")
+    mod: Any = module
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         if name == "prune_out_channels":
@@ -687,16 +903,23 @@ def param_slices(
         return [("weight", 0, idx)]
     if isinstance(getattr(module, "c_attn", None), conv1d or ()) and hasattr(module, "split_size"):
         if name == "prune_heads":
-            inner = int(module.num_heads) * int(module.head_dim)
+            inner = int(mod.num_heads) * int(mod.head_dim)
             cols = torch.cat([idx, idx + inner, idx + 2 * inner])
             return [("c_attn.weight", 1, cols), ("c_attn.bias", 0, cols), ("c_proj.weight", 0, idx)]
         return [("c_attn.weight", 0, idx), ("c_proj.weight", 1, idx), ("c_proj.bias", 0, idx)]
+    if name == "prune_inner" and _is_shuffle_block(module):
+        out = [("branch2.0.weight", 0, idx)]
+        out += [(f"branch2.{i}.{p}", 0, idx) for i in (1, 4) for p in ("weight", "bias")]
+        out += [("branch2.3.weight", 0, idx)] + (
+            [("branch2.3.bias", 0, idx)] if mod.branch2[3].bias is not None else []
+        )
+        return [*out, ("branch2.5.weight", 1, idx)]
     if isinstance(module, nn.MultiheadAttention):
         if name == "prune_heads":
-            inner = int(module.num_heads) * int(module.head_dim)
+            inner = int(mod.num_heads) * int(mod.head_dim)
             rows = torch.cat([idx, idx + inner, idx + 2 * inner])
             out = [("in_proj_weight", 0, rows)]
-            if module.in_proj_bias is not None:
+            if mod.in_proj_bias is not None:
                 out.append(("in_proj_bias", 0, rows))
             out.append(("out_proj.weight", 1, idx))
             return out
@@ -723,7 +946,7 @@ def after_removal(model: nn.Module, config: TPConfig) -> None:
     """
     del model  # the specs hold the modules
     for spec in config.attention.values():
-        m = spec.module
+        m: Any = spec.module
         if spec.kind == "bert" and len({layer.out_features for layer in spec.qkv}) != 1:
             raise RuntimeError(
                 f"{spec.name}: query/key/value have {[layer.out_features for layer in spec.qkv]} outputs after "
@@ -743,3 +966,104 @@ def after_removal(model: nn.Module, config: TPConfig) -> None:
         else:
             m.num_heads, m.split_size = heads, inner
         config.num_heads.update({layer: heads for layer in spec.qkv})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving and reloading a pruned structure
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Attributes the attention ``forward`` methods read, by kind.
+_HEAD_ATTRS = {
+    "mha": ("num_heads",),
+    "timm": ("num_heads", "attn_dim"),
+    "bert": ("num_attention_heads", "all_head_size"),
+    "gpt2": ("num_heads", "split_size"),
+}
+
+
+def attention_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Head counts and sizes of every attention module and the shape of every ``Conv1D`` (plain ints and int lists).
+
+    Store it beside the state dict of a model whose heads were removed; :func:`restore_attention_structure` rebuilds
+    the thin attention on a freshly built model. The format (``{module name: {attribute: value}}``) is the one of
+    :func:`~lightning_opt.pruning._channel.pruned_structure`, so the two can be merged.
+
+    Example:
+        >>> attn = nn.MultiheadAttention(8, 2)
+        >>> _ = MultiheadAttentionHeadPruner().prune_heads(attn, [4, 5, 6, 7])
+        >>> attention_structure(nn.Sequential(attn))
+        {'0': {'num_heads': 1, 'kept_heads': [0]}}
+    """
+    specs, _ = _attention_specs(model)
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in specs.items():
+        m: Any = spec.module
+        attrs: dict[str, Any] = {a: int(getattr(m, a)) for a in _HEAD_ATTRS[spec.kind]}
+        if isinstance(m, PrunedMultiheadAttention):
+            attrs["kept_heads"] = [int(h) for h in m.kept_heads]
+        out[name] = attrs
+    conv1d = _conv1d_type()
+    if conv1d is not None:
+        for name, layer in model.named_modules():
+            if isinstance(layer, conv1d):
+                c: Any = layer
+                out[name] = {"nf": int(c.nf), "nx": int(c.nx)}
+    return out
+
+
+def restore_attention_structure(
+    model: nn.Module, structure: dict[str, dict[str, Any]], state_dict: dict[str, Tensor] | None = None
+) -> None:
+    """Set the head counts and sizes saved by :func:`attention_structure` on a freshly built model.
+
+    A ``nn.MultiheadAttention`` saved with ``kept_heads`` becomes a :class:`PrunedMultiheadAttention`. With
+    ``state_dict``, the parameters of the listed modules are also resized to the saved shapes, so that
+    ``model.load_state_dict(state_dict)`` works.
+
+    Args:
+        model: a new instance built with the original constructor arguments.
+        structure: from :func:`attention_structure` (other entries are ignored).
+        state_dict: the saved state dict (optional).
+
+    Raises:
+        ValueError: if ``structure`` names a module ``model`` does not have.
+
+    Example:
+        >>> attn = nn.MultiheadAttention(8, 2)
+        >>> _ = MultiheadAttentionHeadPruner().prune_heads(attn, [0, 1, 2, 3])
+        >>> saved, state = attention_structure(nn.Sequential(attn)), nn.Sequential(attn).state_dict()
+        >>> fresh = nn.Sequential(nn.MultiheadAttention(8, 2))
+        >>> restore_attention_structure(fresh, saved, state)
+        >>> fresh.load_state_dict(state)
+        <All keys matched successfully>
+        >>> type(fresh[0]).__name__, fresh[0].num_heads, fresh[0].kept_heads
+        ('PrunedMultiheadAttention', 1, [1])
+    """
+    modules = dict(model.named_modules())
+    for name, attrs in structure.items():
+        module: Any = modules.get(name)
+        if module is None:
+            raise ValueError(
+                f"`structure` names a module {name!r} that {type(model).__name__} does not have. "
+                "HINT: build the model with the constructor arguments it was pruned with."
+            )
+        known = {"kept_heads", "nf", "nx", *(a for attrs_ in _HEAD_ATTRS.values() for a in attrs_)}
+        for attr, value in attrs.items():
+            if attr in known:
+                setattr(module, attr, list(value) if isinstance(value, list) else int(value))
+        if "kept_heads" in attrs and isinstance(module, nn.MultiheadAttention):
+            module.__class__ = PrunedMultiheadAttention
+            module._qkv_same_embed_dim = False
+        if state_dict is None:
+            continue
+        prefix = f"{name}." if name else ""
+        for sub_name, sub in module.named_modules():
+            sub_prefix = f"{prefix}{sub_name}." if sub_name else prefix
+            for key, param in list(sub._parameters.items()):
+                saved = state_dict.get(sub_prefix + key)
+                if param is None or saved is None or saved.shape == param.shape:
+                    continue
+                empty = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
+                sub._parameters[key] = nn.Parameter(empty, requires_grad=param.requires_grad)
+            if isinstance(sub, nn.Linear):
+                sub.out_features, sub.in_features = sub.weight.shape
