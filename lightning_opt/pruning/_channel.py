@@ -17,9 +17,12 @@ from lightning_opt import inputs
 from lightning_opt.pruning._attention import (
     TPConfig,
     after_removal,
+    attention_structure,
+    channel_units,
     extra_groups,
     head_slices,
     param_slices,
+    restore_attention_structure,
     transformer_config,
 )
 
@@ -55,7 +58,8 @@ class _Group:
     channels: int
     out_dim: int
     items: list[_Item] = field(default_factory=list)
-    heads: Tensor | None = None  # head of each root channel (-1: no head) when the group is attention heads
+    heads: Tensor | None = None  # unit of each root channel (an attention head, a grouped-conv position; -1: kept)
+    inner: bool = False  # heads or a block's inner channels: scored over all the group's weights, not a root weight
 
 
 def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str, int]]:
@@ -186,9 +190,8 @@ class ChannelGroups:
         canonical = {id(p): n for n, p in model.named_parameters()}  # a tied weight under one name
         all_groups = list(self.dg.get_all_groups(ignored_layers=ignored, root_module_types=prunable_types))
         if self.config is not None:
-            for group in extra_groups(self.config, self.dg):  # heads of attention modules (MHA, GPT-2)
-                spec = self.config.head_module(group[0].dep.target.module)
-                if spec is not None and any(id(m) in root_set for m in (spec.module, *spec.qkv)):
+            for group in extra_groups(self.config, self.dg):  # heads of MHA / GPT-2, ShuffleNet blocks' inner channels
+                if any(id(m) in root_set for m in self.config.members(group[0].dep.target.module)):
                     all_groups.append(group)
         for group in all_groups:
             root = group[0].dep.target.module
@@ -199,7 +202,9 @@ class ChannelGroups:
                 handler=group[0].dep.handler,
                 channels=len(group[0].idxs),
                 out_dim=1 if isinstance(root, _CONV_T) or _is_hf_conv1d(root) else 0,
-                heads=head_slices(self.config, group) if self.config is not None else None,
+                heads=channel_units(self.config, group) if self.config is not None else None,
+                inner=self.config is not None
+                and (head_slices(self.config, group) is not None or not isinstance(root, prunable_types)),
             )
             for item in group.items:
                 mod = item.dep.target.module
@@ -240,7 +245,7 @@ class ChannelGroups:
     def root_weight(self, name: str) -> Tensor | None:
         """The root layer's weight of group ``name`` (``None`` for a head group rooted at an attention module)."""
         weight = getattr(self.groups[name].root, "weight", None)
-        return weight if isinstance(weight, Tensor) and self.groups[name].heads is None else None
+        return weight if isinstance(weight, Tensor) and not self.groups[name].inner else None
 
     def channel_scores(self, name: str, elementwise: Tensor) -> Tensor:
         """Sum an elementwise score of the root weight over each output channel.
@@ -502,17 +507,20 @@ _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
 STRUCTURE_KEY = "lightning_opt_pruned_structure"
 
 
-def pruned_structure(model: nn.Module) -> dict[str, dict[str, int]]:
+def pruned_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The shape attributes of every layer (plain ints, so a checkpoint holding them loads with ``weights_only``).
 
     :class:`~lightning_opt.pruning.Pruning` stores this in every checkpoint saved after channel removal, under
     ``"lightning_opt_pruned_structure"``; :func:`restore_pruned_structure` uses it to rebuild the thin layers.
     """
-    return {
+    out: dict[str, dict[str, Any]] = {
         name: {a: int(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), int)}
         for name, module in model.named_modules()
         if any(isinstance(getattr(module, a, None), int) for a in _SHAPE_ATTRS)
     }
+    for name, attrs in attention_structure(model).items():  # head counts, kept heads, Conv1D shapes
+        out.setdefault(name, {}).update(attrs)
+    return out
 
 
 def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bool:
@@ -559,4 +567,5 @@ def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bo
                     continue
                 empty = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
                 tensors[key] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    restore_attention_structure(model, structure, state)  # head counts; a head-pruned MHA's forward
     return True

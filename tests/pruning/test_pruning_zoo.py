@@ -28,10 +28,7 @@ from lightning_opt.schedules import ConstantSchedule
 from lightning_opt.testing.zoo import ZOO, ZooDataModule, ZooModule, available
 
 #: channel + removal cells refused at setup, and why (the rest must work)
-REFUSED_CHANNEL = {
-    "regnet": "removal fails",  # grouped convolutions: Torch-Pruning's index mapping breaks on irregular channel sets
-    "shufflenet": "Torch-Pruning cannot trace",  # channel shuffle: ZeroDivisionError inside Torch-Pruning
-}
+REFUSED_CHANNEL: dict[str, str] = {}  # all 13 work since the transformer config (heads, grouped convs, shuffle)
 #: the longest cells on one thread (still run in CI under `-m slow`)
 SLOW = {"efficientnet", "regnet", "resnet18", "resnet_d", "mobilenet_v3", "mobilenet_v2", "bert", "demo_transformer"}
 
