@@ -547,7 +547,7 @@ class Pruning(Callback):
             assert self._groups is not None
             groups = self._groups
             keeps = {n: self._keeps.get(n, torch.ones(g.channels, dtype=torch.bool)) for n, g in groups.groups.items()}
-            unit_ids, unit_scores, unit_keeps = {}, {}, {}
+            unit_ids, unit_scores, unit_keeps, unit_sizes = {}, {}, {}, {}
             for gname in groups.groups:
                 if gname in self._root_weights:  # a channel scored by its root layer's weights
                     ch = groups.channel_scores(gname, score(self._root_weights[gname])).cpu()
@@ -557,7 +557,8 @@ class Pruning(Callback):
                 units = groups.units(gname)
                 unit_ids[gname] = ids
                 unit_keeps[gname] = torch.stack([keeps[gname][units == u].any() for u in ids])
-            new = channel_keep(unit_scores, unit_keeps, self._pools(targets))
+                unit_sizes[gname] = torch.stack([(units == u).sum() for u in ids])
+            new = channel_keep(unit_scores, unit_keeps, self._pools(targets), sizes=unit_sizes)
             keeps = {n: groups.channel_keep_of_units(n, unit_ids[n], new[n]) for n in new}
             masks = groups.param_masks(keeps, params)
         else:

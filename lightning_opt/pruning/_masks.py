@@ -302,8 +302,12 @@ def channel_keep(
     keeps: Mapping[str, Tensor],
     pools: Iterable[tuple[Sequence[str], float]],
     normalize: bool = True,
+    sizes: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Channel masks: in each pool of channel groups prune the lowest-scoring fraction of channels.
+
+    With ``sizes`` the entries are units of several channels (attention heads, grouped-convolution positions): the
+    lowest-scoring units are pruned until ``round(target * channels)`` channels of the pool are pruned.
 
     Each group keeps at least one channel. In a pool of several groups (global scope) scores are divided by the
     group's mean score when ``normalize`` so that layers of different size and scale compare.
@@ -313,6 +317,7 @@ def channel_keep(
         keeps: ``{group name: current bool keep per channel}``.
         pools: ``(group names, target fraction of channels)`` pairs.
         normalize: divide scores by the group mean in multi-group pools.
+        sizes: ``{group name: channels per entry}`` (default one channel per entry).
 
     Returns:
         New keep vectors for every group in the pools.
@@ -321,6 +326,10 @@ def channel_keep(
         >>> keep = {"c": torch.ones(4, dtype=torch.bool)}
         >>> channel_keep({"c": torch.tensor([3.0, 1.0, 2.0, 4.0])}, keep, [(["c"], 0.5)])
         {'c': tensor([ True, False, False,  True])}
+        >>> heads = {"h": torch.ones(3, dtype=torch.bool)}  # 3 heads of 2 channels: 3 of 6 channels take 2 heads
+        >>> sizes = {"h": torch.tensor([2, 2, 2])}
+        >>> channel_keep({"h": torch.tensor([3.0, 1.0, 2.0])}, heads, [(["h"], 0.5)], sizes=sizes)
+        {'h': tensor([ True, False, False])}
     """
     out: dict[str, Tensor] = {}
     for names, target in pools:
@@ -339,7 +348,15 @@ def channel_keep(
         flat = torch.cat(scores)
         total = flat.numel()
         already = int((flat == -torch.inf).sum())
-        k = min(max(round(target * total), already), total - len(names))
+        if sizes is None:
+            k = round(target * total)
+        else:  # the fewest lowest units whose channels reach the target
+            flat_sizes = torch.cat([sizes[n].reshape(-1).to(flat.device, torch.float64) for n in names])
+            goal = round(target * float(flat_sizes.sum()))
+            cum = torch.cumsum(flat_sizes[torch.sort(flat, stable=True).indices], 0)
+            k = int(torch.searchsorted(cum, torch.tensor([goal], dtype=torch.float64, device=flat.device))) + 1
+            k = k if goal > 0 else 0
+        k = min(max(k, already), total - len(names))
         keep = torch.ones(total, dtype=torch.bool, device=flat.device)
         if k > 0:
             keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False

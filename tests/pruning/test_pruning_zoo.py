@@ -93,6 +93,7 @@ def test_zoo_channel_removal_works_or_is_refused_at_setup(name: str, tmp_path: P
     before = sum(p.numel() for p in model.parameters())
     trainer, model = _fit(name, cb, tmp_path, [recorder])
     assert trainer.global_step == 2
+    assert abs(cb.global_sparsity() - 0.3) <= 0.05  # a fraction of channels, heads and group units counted by size
     assert sum(p.numel() for p in model.parameters()) < before
     model.eval()
     with torch.no_grad():
