@@ -160,7 +160,9 @@ def test_coverage_warning_gives_the_exact_share(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dict_inputs", [False, True], ids=["tuple", "dict"])
 def test_tuple_and_dict_inputs_trace_measure_and_remove_heads(dict_inputs: bool, tmp_path: Path) -> None:
     model = _TiedLM(dict_inputs)
-    cb = Pruning(ConstantSchedule(final=0.5), granularity="channel", remove_channels=True, log_histograms=False)
+    cb = Pruning(
+        ConstantSchedule(final=0.5), granularity="channel", scope="layer", remove_channels=True, log_histograms=False
+    )
     recorder = _MaskedOutputs()
     make_trainer(tmp_path, [recorder, cb], max_steps=2).fit(model, _lm_data())
     assert model.attn.num_heads == 1 and model.attn.in_proj_weight.shape == (12, 8)  # one of two heads removed
