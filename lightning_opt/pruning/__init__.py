@@ -11,19 +11,26 @@ from __future__ import annotations
 from lightning_opt.pruning._callback import Pruning
 from lightning_opt.pruning._channel import (
     ChannelGroups,
+    UnsupportedModelError,
     load_pruned,
+    output_error,
     pruned_structure,
+    rehearse_removal,
     restore_pruned_structure,
     save_pruned,
 )
 from lightning_opt.pruning._criteria import Criterion, MagnitudeCriterion, RandomCriterion, TaylorCriterion
 from lightning_opt.pruning._masks import (
+    DEFAULT_MODULE_TYPES,
     apply_masks,
     channel_keep,
+    coverage,
     mask_sparsity,
     masks_from_model,
+    module_weights,
     nm_masks,
     select_modules,
+    select_weights,
     unstructured_masks,
 )
 from lightning_opt.schedules import (
@@ -37,6 +44,7 @@ from lightning_opt.schedules import (
 )
 
 __all__ = [
+    "DEFAULT_MODULE_TYPES",
     "ChannelGroups",
     "ConstantSchedule",
     "Criterion",
@@ -50,15 +58,21 @@ __all__ = [
     "RandomCriterion",
     "Schedule",
     "TaylorCriterion",
+    "UnsupportedModelError",
     "apply_masks",
     "channel_keep",
+    "coverage",
     "load_pruned",
     "mask_sparsity",
     "masks_from_model",
+    "module_weights",
     "nm_masks",
+    "output_error",
     "pruned_structure",
+    "rehearse_removal",
     "restore_pruned_structure",
     "save_pruned",
     "select_modules",
+    "select_weights",
     "unstructured_masks",
 ]

@@ -14,14 +14,26 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_opt import inputs
 from lightning_opt._utils import local_log_dir
-from lightning_opt.pruning._channel import STRUCTURE_KEY, ChannelGroups, pruned_structure, save_pruned
+from lightning_opt.pruning._channel import (
+    STRUCTURE_KEY,
+    ChannelGroups,
+    UnsupportedModelError,
+    output_error,
+    pruned_structure,
+    rehearse_removal,
+    save_pruned,
+)
 from lightning_opt.pruning._criteria import Criterion, resolve_criterion
 from lightning_opt.pruning._masks import (
+    DEFAULT_MODULE_TYPES,
     channel_keep,
+    coverage,
     mask_sparsity,
     nm_masks,
     select_modules,
+    select_weights,
     unstructured_masks,
 )
 from lightning_opt.pruning._remask import Remasker
@@ -31,7 +43,7 @@ __all__ = ["Pruning"]
 
 _GRANULARITIES = ("unstructured", "channel", "nm")
 _SCOPES = ("global", "layer")
-_DEFAULT_TYPES = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+_UNREMOVABLE = ("error", "skip")
 
 
 def _as_list(value: str | list[str] | None) -> list[str] | None:
@@ -63,7 +75,10 @@ class Pruning(Callback):
         criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` or a :class:`Criterion` instance (``class_path``).
         scope: ``"global"`` (one threshold across layers) or ``"layer"`` (each layer reaches the target).
             N:M is always per group of ``m``.
-        module_types: which modules to prune, ``torch.nn`` class names or class paths (default Conv1d/2d/3d, Linear).
+        module_types: which modules to prune, ``torch.nn`` class names or class paths (default Conv1d/2d/3d, Linear,
+            ``MultiheadAttention``'s input projections and Hugging Face's ``Conv1D``). A weight shared by several
+            modules (tied embeddings) is pruned once. Parameters left out (biases, norms, embeddings...) are listed in
+            one warning at setup with their share of the model's parameters.
         include: regexes on module names (``re.search``); only matching modules are pruned.
         exclude: regexes on module names; matching modules are not pruned.
         overrides: ``{regex: final sparsity}`` for matching modules; they follow the schedule's shape to their own
@@ -73,8 +88,9 @@ class Pruning(Callback):
         remove_channels: with ``"channel"``, remove the pruned channels at the end of fit (Torch-Pruning) and add
             before/after rows to the ``CompressionReport``; also writes ``pruned_model.pt`` (see
             :func:`~lightning_opt.pruning.load_pruned`) next to the logs.
-        example_input_shape: input shape for tracing channel groups when the LightningModule has no
-            ``example_input_array`` (e.g. ``[1, 3, 32, 32]``).
+        example_input_shape: shape of a float input (``torch.randn``) for tracing channel groups when the
+            LightningModule has no ``example_input_array`` (e.g. ``[1, 3, 32, 32]``); without either, the inputs of
+            the first training batch are used (any form: tensor, tuple, dict; real values and dtypes).
         log_histograms: log weight histograms of pruned layers at each update (TensorBoard).
         remask: how the masks are re-applied after every optimizer step (bit-identical results):
             ``"foreach"`` multiplies by float copies of the masks (one ``torch._foreach_mul_``; the copies take as
@@ -82,6 +98,14 @@ class Pruning(Callback):
             ``torch.compile``d kernel (no copies, ~0.8x the time on CPU; compiles once per process, needs a C++
             compiler on CPU, falls back to ``"foreach"`` with a warning); ``"auto"`` (default) uses ``"compiled"``
             on CPU from 4M masked weights, else ``"foreach"``.
+        on_unremovable: with ``remove_channels=True``, what to do with channel groups whose removal fails or changes
+            the outputs. At setup, before step 1, the removal is rehearsed on a copy of the model (a quarter of each
+            group's channels masked, then removed, outputs compared with the masked model's on the example input);
+            ``"error"`` (default) refuses the run with a message naming the layers and the ``exclude`` regex to add,
+            ``"skip"`` leaves those groups unpruned and lists them in a warning.
+        allow_output_change: at fit end the removed model's outputs are compared with the masked model's on the
+            example input; a difference beyond float tolerance (``1e-4`` of the output scale) raises unless this is
+            True (then it is only a warning).
 
     Raises:
         TypeError: if ``schedule`` is not a :class:`~lightning_opt.schedules.Schedule`.
@@ -90,7 +114,11 @@ class Pruning(Callback):
             (``n >= m``) or the schedule does not end at ``(m - n) / m``; an ``overrides`` value is outside [0, 1)
             or used with N:M; a regex does not compile; ``remove_channels`` without ``granularity="channel"``; at
             setup: an ``include``/``overrides`` regex matches no prunable module (the message lists them), the
-            schedule's start resolves after its end, or channel pruning has no example input.
+            schedule's start resolves after its end, channel pruning has no example input, Torch-Pruning cannot
+            trace the model, or (``on_unremovable="error"``) the removal rehearsal finds groups that cannot be
+            removed; ``on_unremovable`` is unknown.
+        RuntimeError: at fit end, if the removed model's outputs differ from the masked model's beyond tolerance
+            and ``allow_output_change`` is False (``pruned_model.pt`` is not written).
 
     Example:
         >>> from lightning_opt.schedules import PolynomialSchedule
@@ -115,6 +143,8 @@ class Pruning(Callback):
         example_input_shape: list[int] | None = None,
         log_histograms: bool = True,
         remask: Literal["auto", "foreach", "compiled"] = "auto",
+        on_unremovable: Literal["error", "skip"] = "error",
+        allow_output_change: bool = False,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(
@@ -146,6 +176,11 @@ class Pruning(Callback):
                 )
             if overrides:
                 raise ValueError(f"`overrides` cannot be used with granularity='nm', got {overrides}.")
+        if on_unremovable not in _UNREMOVABLE:
+            raise ValueError(
+                f"`on_unremovable` must be one of {list(_UNREMOVABLE)}, got {on_unremovable!r}. HINT: 'skip' prunes "
+                "the other groups and leaves the unremovable ones dense."
+            )
         if remove_channels and granularity != "channel":
             raise ValueError(
                 f"`remove_channels=True` needs granularity='channel', got granularity={granularity!r}. "
@@ -170,7 +205,7 @@ class Pruning(Callback):
         self.schedule = schedule
         self.granularity = granularity
         self.scope = scope
-        self.module_types = list(module_types) if module_types is not None else list(_DEFAULT_TYPES)
+        self.module_types = list(module_types) if module_types is not None else list(DEFAULT_MODULE_TYPES)
         self.overrides = dict(overrides or {})
         self.n = n
         self.m = m
@@ -179,6 +214,8 @@ class Pruning(Callback):
         self.log_histograms = log_histograms
         self.remask = remask
         self._remasker = Remasker(remask)  # validates `remask`
+        self.on_unremovable = on_unremovable
+        self.allow_output_change = allow_output_change
 
         # state
         self._masks: dict[str, Tensor] = {}  # bool, True = kept (params for unstructured/nm, all coupled for channel)
@@ -192,6 +229,10 @@ class Pruning(Callback):
         # runtime
         self._modules: dict[str, nn.Module] = {}
         self._weights: list[str] = []  # names of the pruned weights (roots for channel)
+        self._selected: dict[str, tuple[str, int]] = {}  # weight name -> (module name, input axis)
+        self._root_weights: dict[str, str] = {}  # channel group -> its root weight's parameter name
+        self._example: Any = None  # the example input (CPU), for tracing and the removal check
+        self.unremovable: dict[str, str] = {}  # channel groups the rehearsal left out, with the reason
         self._groups: ChannelGroups | None = None
         self._params: dict[str, nn.Parameter] = {}
         self._handles: list[Any] = []
@@ -290,20 +331,19 @@ class Pruning(Callback):
                 raise ValueError(
                     f"`overrides` pattern {pattern!r} matches no pruned module. Pruned modules: {list(self._modules)}."
                 )
+        self._selected = select_weights(pl_module, self._modules)
         if self.granularity == "nm":
-            weights = {name: mod.weight for name, mod in self._modules.items()}
-            bad = [
-                name
-                for name, w in weights.items()
-                if not isinstance(w, Tensor) or w.dim() < 2 or w.shape[1] % self.m != 0
-            ]
+            params = dict(pl_module.named_parameters())
+            bad_w = [n for n, (_, axis) in self._selected.items() if params[n].shape[axis] % self.m != 0]
+            bad = sorted({self._selected[n][0] for n in bad_w})
             if bad:
                 rank_zero_warn(
                     f"Pruning: {self.n}:{self.m} sparsity skips {bad}: their input dimension is not divisible by "
                     f"m={self.m}. Add them to `exclude` to silence this."
                 )
+                self._selected = {n: v for n, v in self._selected.items() if n not in bad_w}
                 self._modules = {k: v for k, v in self._modules.items() if k not in bad}
-            if not self._modules:
+            if not self._selected:
                 raise ValueError(f"No module has an input dimension divisible by m={self.m}; nothing to prune.")
         start_method = getattr(trainer.strategy, "_start_method", None)
         if self.remove_channels and start_method in ("spawn", "fork", "forkserver"):
@@ -313,12 +353,20 @@ class Pruning(Callback):
                 "launched as subprocesses)."
             )
         if self.granularity == "channel":
-            example = self._example_input(pl_module)
-            self._groups = ChannelGroups(pl_module, self._modules, example)
+            self._example = self._example_input(trainer, pl_module)
+            self._setup_channel_groups(pl_module)
+            canonical = {id(p): n for n, p in pl_module.named_parameters()}
+            assert self._groups is not None
             self._weights = list(self._groups.groups)
+            self._root_weights = {
+                g: canonical[id(w)] for g in self._weights if (w := self._groups.root_weight(g)) is not None
+            }
+            covered = self._groups.param_names
         else:
             self._groups = None
-            self._weights = [f"{name}.weight" if name else "weight" for name in self._modules]
+            self._weights = list(self._selected)
+            covered = self._weights
+        self._warn_coverage(pl_module, covered)
         total = trainer.estimated_stepping_batches
         _, end = self.schedule.resolve(total)  # raises on unresolvable fractions / start after end
         if end > total:
@@ -327,16 +375,73 @@ class Pruning(Callback):
                 f"the final sparsity {self.schedule.final} will not be reached."
             )
 
-    def _example_input(self, pl_module: pl.LightningModule) -> Any:
-        if self.example_input_shape is not None:
+    def _setup_channel_groups(self, pl_module: pl.LightningModule) -> None:
+        """Trace the channel groups; with ``remove_channels``, rehearse the removal first and drop or refuse groups."""
+        roots = dict(self._modules)
+        self.unremovable = {}
+        try:
+            if self.remove_channels:
+                self.unremovable = rehearse_removal(pl_module, roots, self._example)
+        except UnsupportedModelError as err:
+            raise ValueError(f"Pruning(granularity='channel'): {err}") from err
+        if self.unremovable:
+            lines = "\n".join(f"  {name}: {why}" for name, why in self.unremovable.items())
+            regex = "^(" + "|".join(re.escape(n) for n in self.unremovable) + ")$"
+            if self.on_unremovable == "error":
+                raise ValueError(
+                    f"Pruning: {len(self.unremovable)} channel group(s) cannot be removed at the end of fit without "
+                    f"changing the model (rehearsed on a copy at setup):\n{lines}\nHINT: add `exclude: ['{regex}']` "
+                    "to prune the rest, or `on_unremovable: skip` to leave these groups dense automatically."
+                )
+            rank_zero_warn(
+                f"Pruning: on_unremovable='skip' leaves {len(self.unremovable)} channel group(s) unpruned because "
+                f"their removal fails or changes the outputs:\n{lines}\n(`exclude: ['{regex}']` says so explicitly.)"
+            )
+            roots = {n: m for n, m in roots.items() if n not in self.unremovable}
+            if not roots:
+                raise ValueError("Pruning: no channel group is left that can be removed; nothing to prune.")
+        try:
+            self._groups = ChannelGroups(pl_module, roots, self._example)
+        except UnsupportedModelError as err:
+            raise ValueError(f"Pruning(granularity='channel'): {err}") from err
+        if self._groups.excluded:
+            rank_zero_warn(
+                "Pruning: channel groups kept unpruned because removing them cannot keep the outputs equal:\n"
+                + "\n".join(f"  {n}: {why}" for n, why in self._groups.excluded.items())
+            )
+        if self.unremovable:  # groups rooted elsewhere may also hold channels of a refused layer: leave them out too
+            self._groups.groups = {n: g for n, g in self._groups.groups.items() if n not in self.unremovable}
+
+    def _warn_coverage(self, pl_module: pl.LightningModule, covered: list[str]) -> None:
+        share, left = coverage(pl_module, covered)
+        if not left:
+            return
+        by_type: dict[str, list[tuple[str, float]]] = {}
+        for name, kind, frac in left:
+            by_type.setdefault(kind, []).append((name, frac))
+        parts = []
+        for kind, rows in sorted(by_type.items(), key=lambda kv: -sum(f for _, f in kv[1])):
+            names = ", ".join(f"{n} ({f:.1%})" for n, f in rows[:6])
+            names += f", +{len(rows) - 6} more" if len(rows) > 6 else ""
+            parts.append(f"{kind} {sum(f for _, f in rows):.1%}: {names}")
+        rank_zero_warn(
+            f"Pruning: pruning covers {share:.1%} of parameters; not covered: " + "; ".join(parts) + ". HINT: "
+            "biases and norms are usually left dense; add module types to `module_types` (class paths) to cover more."
+        )
+
+    def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        if self.example_input_shape is not None and not inputs.is_example(
+            getattr(pl_module, "example_input_array", None)
+        ):
             return torch.randn(*self.example_input_shape)
-        example = getattr(pl_module, "example_input_array", None)
+        example = inputs.module_example(pl_module, _train_batches(trainer, pl_module))
         if example is None:
             raise ValueError(
                 "granularity='channel' traces the model and needs an example input: set `example_input_array` on "
-                "the LightningModule or pass `example_input_shape` (e.g. [1, 3, 32, 32])."
+                "the LightningModule (a tensor, a tuple or a dict), give the Trainer training data, or pass "
+                "`example_input_shape` (e.g. [1, 3, 32, 32]) for a float image input."
             )
-        return example
+        return inputs.first_rows(example, 2)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -405,7 +510,7 @@ class Pruning(Callback):
         frac = 1.0 if s.final == s.initial else (value - s.initial) / (s.final - s.initial)
         out = {}
         for name in names:
-            module_name = name.rsplit(".", 1)[0] if self.granularity != "channel" else name
+            module_name = self._module_of(name)
             target = value
             for pattern, final in self.overrides.items():
                 if re.search(pattern, module_name):
@@ -414,14 +519,15 @@ class Pruning(Callback):
             out[name] = target
         return out
 
+    def _module_of(self, name: str) -> str:
+        if self.granularity == "channel":
+            return name
+        return self._selected[name][0] if name in self._selected else name.rsplit(".", 1)[0]
+
     def _pools(self, targets: dict[str, float]) -> list[tuple[list[str], float]]:
         if self.scope == "layer":
             return [([n], t) for n, t in targets.items()]
-        overridden = {
-            n
-            for n in targets
-            if any(re.search(p, n.rsplit(".", 1)[0] if self.granularity != "channel" else n) for p in self.overrides)
-        }
+        overridden = {n for n in targets if any(re.search(p, self._module_of(n)) for p in self.overrides)}
         pools = [([n for n in targets if n not in overridden], self._target)]
         return pools + [([n], targets[n]) for n in overridden]
 
@@ -441,19 +547,29 @@ class Pruning(Callback):
             assert self._groups is not None
             groups = self._groups
             keeps = {n: self._keeps.get(n, torch.ones(g.channels, dtype=torch.bool)) for n, g in groups.groups.items()}
-            ch_scores = {}
+            unit_ids, unit_scores, unit_keeps, unit_sizes = {}, {}, {}, {}
             for gname in groups.groups:
-                wname = f"{gname}.weight" if gname else "weight"
-                ch_scores[gname] = groups.channel_scores(gname, score(wname)).cpu()
-            keeps = channel_keep(ch_scores, keeps, self._pools(targets))
+                if gname in self._root_weights:  # a channel scored by its root layer's weights
+                    ch = groups.channel_scores(gname, score(self._root_weights[gname])).cpu()
+                else:  # attention heads: scored as units over all their q/k/v/out weights
+                    ch = groups.group_scores(gname, {it.param: score(it.param) for it in groups.groups[gname].items})
+                ids, unit_scores[gname] = groups.unit_scores(gname, ch)
+                units = groups.units(gname)
+                unit_ids[gname] = ids
+                unit_keeps[gname] = torch.stack([keeps[gname][units == u].any() for u in ids])
+                unit_sizes[gname] = torch.stack([(units == u).sum() for u in ids])
+            new = channel_keep(unit_scores, unit_keeps, self._pools(targets), sizes=unit_sizes)
+            keeps = {n: groups.channel_keep_of_units(n, unit_ids[n], new[n]) for n in new}
             masks = groups.param_masks(keeps, params)
         else:
             current = {n: self._masks.get(n, torch.ones_like(params[n], dtype=torch.bool)) for n in self._weights}
             if self.granularity == "nm":
-                masks = {
-                    n: nm_masks(score(n), current[n], self.n, self.m, int(targets[n] * self.m + 1e-6))
-                    for n in self._weights
-                }
+                masks = {}
+                for n in self._weights:
+                    axis = self._selected[n][1]  # N:M groups run along the input axis (dim 0 of HF Conv1D)
+                    sc, cur = score(n).transpose(1, axis), current[n].transpose(1, axis)
+                    k = int(targets[n] * self.m + 1e-6)
+                    masks[n] = nm_masks(sc, cur, self.n, self.m, k).transpose(1, axis).contiguous()
             else:
                 masks = unstructured_masks({n: score(n) for n in self._weights}, current, self._pools(targets))
             keeps = {}
@@ -483,7 +599,7 @@ class Pruning(Callback):
         params = dict(module.named_parameters())
         rows = []
         for name in self._weights:
-            wname = (f"{name}.weight" if name else "weight") if self.granularity == "channel" else name
+            wname = self._root_weights.get(name, name) if self.granularity == "channel" else name
             p = params.get(wname)
             if p is None:
                 continue
@@ -546,28 +662,44 @@ class Pruning(Callback):
 
     def _remove(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._groups is not None
-        example = self._example_input(pl_module)
         device = next(pl_module.parameters()).device
-        example = example.to(device) if isinstance(example, Tensor) else example
+        example = inputs.map_tensors(self._example, lambda t: t.to(device))
         report = _find_report(trainer)
         measure = report.measure if report is not None else _measure
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            before_out = pl_module(example)
-        before = measure(pl_module, example) if trainer.is_global_zero else {}
-        removed = self._groups.remove(self._keeps)
+            before_out = inputs.call(pl_module, example)
+        before = _measure_example(measure, pl_module, example) if trainer.is_global_zero else {}
+        try:
+            removed = self._groups.remove(self._keeps)
+        except Exception as exc:
+            pl_module.train(was_training)
+            raise RuntimeError(
+                f"Pruning: channel removal failed at the end of fit ({type(exc).__name__}: {exc}); the model is left "
+                "partly thinned and pruned_model.pt was not written. The checkpoints saved during training hold the "
+                "masked model. HINT: `exclude` the layer named above, or use on_unremovable='skip'."
+            ) from exc
         with torch.no_grad():
-            after_out = pl_module(example)
-        after = measure(pl_module, example) if trainer.is_global_zero else {}
+            after_out = inputs.call(pl_module, example)
+        after = _measure_example(measure, pl_module, example) if trainer.is_global_zero else {}
         pl_module.train(was_training)
         self._removed = True
         self._remasker.set([])
         self._params = {}
-        err = float((before_out - after_out).abs().max()) if isinstance(before_out, Tensor) else float("nan")
-        if err > 1e-3 * max(1.0, float(before_out.abs().max())):
-            rank_zero_warn(f"Pruning: outputs after channel removal differ from the masked model by {err:.3g}.")
+        err, tol = output_error(before_out, after_out)
         self.removal_figures = {"before": before, "after": after, "channels_removed": removed, "max_abs_diff": err}
+        if not err <= tol:
+            msg = (
+                f"Pruning: the outputs after channel removal differ from the masked model's by {err:.3g} on the "
+                f"example input (tolerance {tol:.2g})."
+            )
+            if not self.allow_output_change:
+                raise RuntimeError(
+                    f"{msg} pruned_model.pt was not written. HINT: `exclude` the layers whose removal changes the "
+                    "model (the setup rehearsal lists them), or pass `allow_output_change=True` to accept it."
+                )
+            rank_zero_warn(f"{msg} Accepted: allow_output_change=True.")
         if trainer.is_global_zero:
             after["channels_removed"] = removed
             after["max_abs_output_diff"] = err
@@ -685,6 +817,40 @@ def _find_report(trainer: pl.Trainer) -> Any:
     from lightning_opt.reporting import CompressionReport
 
     return CompressionReport.find(trainer)
+
+
+class _KeywordCall(nn.Module):
+    """Calls a model with keyword inputs given positionally (for measuring tools that take positional inputs)."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = keys
+
+    def forward(self, *args: Any) -> Any:
+        return self.model(**dict(zip(self.keys, args)))
+
+
+def _measure_example(measure: Any, model: nn.Module, example: Any) -> dict[str, Any]:
+    """``measure(model, example)`` for any example form (a tensor, positional tuple or keyword dict)."""
+    args, kwargs = inputs.call_args(example)
+    if kwargs:
+        return dict(measure(_KeywordCall(model, list(kwargs)), tuple(kwargs.values())))
+    return dict(measure(model, args[0] if len(args) == 1 else tuple(args)))
+
+
+def _train_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The training dataloader as setup can reach it (datamodule, the module's own hook, or fit's argument)."""
+    dm = trainer.datamodule  # type: ignore[attr-defined]
+    if dm is not None and callable(getattr(dm, "train_dataloader", None)):
+        try:
+            return dm.train_dataloader()
+        except Exception:
+            pass
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)  # no public handle before fit starts
+    if source is not None and source.is_defined():
+        return source.dataloader()
+    return None
 
 
 def _measure(model: nn.Module, example: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,29 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-__all__ = ["ChannelGroups", "load_pruned", "save_pruned"]
+from lightning_opt import inputs
+from lightning_opt.pruning._attention import (
+    TPConfig,
+    after_removal,
+    attention_structure,
+    channel_units,
+    extra_groups,
+    head_slices,
+    param_slices,
+    restore_attention_structure,
+    transformer_config,
+)
+
+__all__ = ["ChannelGroups", "UnsupportedModelError", "load_pruned", "output_error", "rehearse_removal", "save_pruned"]
+
+
+class UnsupportedModelError(ValueError):
+    """Torch-Pruning cannot build the dependency graph of the model (an internal error while tracing it)."""
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -34,6 +58,8 @@ class _Group:
     channels: int
     out_dim: int
     items: list[_Item] = field(default_factory=list)
+    heads: Tensor | None = None  # unit of each root channel (an attention head, a grouped-conv position; -1: kept)
+    inner: bool = False  # heads or a block's inner channels: scored over all the group's weights, not a root weight
 
 
 def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str, int]]:
@@ -42,6 +68,12 @@ def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str
     if not own:
         return []
     kind = type(getattr(handler, "__self__", None)).__name__
+    if _is_hf_conv1d(module):  # weight (in, out)
+        if is_out:
+            return [("weight", 1)] + ([("bias", 0)] if getattr(module, "bias", None) is not None else [])
+        return [("weight", 0)]
+    if isinstance(module, nn.Embedding):  # embedding vectors are the hidden channels
+        return [("weight", 1)]
     if isinstance(module, (*_CONV, nn.Linear)):
         depthwise = "Depthwise" in kind
         if is_out or depthwise:
@@ -55,10 +87,34 @@ def _param_dims(module: nn.Module, handler: Any, is_out: bool) -> list[tuple[str
         return [("weight", 0)]
     if isinstance(module, _PER_CHANNEL) or (isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1):
         return [(n, 0) for n in own]
-    raise NotImplementedError(
-        f"channel pruning does not know how to mask the parameters of {type(module).__name__} "
-        f"(coupled to a pruned channel). HINT: add its producing layers to `exclude`."
-    )
+    return []  # parameters not masked: the removal rehearsal (`rehearse_removal`) finds out whether that matters
+
+
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """``dict(model.named_modules())``."""
+    return dict(model.named_modules())
+
+
+def _culprits(err: BaseException, names: Mapping[nn.Module, str]) -> list[str]:
+    """The layers next to where Torch-Pruning failed: the module nodes feeding the graph node it was processing."""
+    tb = err.__traceback__
+    node = None
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node", node)
+        tb = tb.tb_next
+    found: list[str] = []
+    stack, seen = [node] if node is not None else [], set()
+    while stack and len(found) < 3:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        module = getattr(n, "module", None)
+        if isinstance(module, nn.Module) and module in names:
+            found.append(names[module])
+            continue
+        stack.extend(getattr(n, "inputs", []))
+    return found
 
 
 class ChannelGroups:
@@ -71,31 +127,73 @@ class ChannelGroups:
     Args:
         model: the model (the LightningModule) to trace.
         roots: ``{name: module}`` allowed as pruning roots; others (and output layers) are not pruned.
-        example_inputs: an input for one forward pass.
+        example_inputs: an input for one forward pass: a tensor, a tuple of positional inputs or a dict of keyword
+            inputs (:mod:`lightning_opt.inputs`).
+        transformer: configure Torch-Pruning for transformers and blocks it does not know by itself
+            (:func:`~lightning_opt.pruning._attention.transformer_config`): attention heads are groups pruned as
+            whole heads (head counts updated on removal), Hugging Face ``Conv1D``, layer scale; groups that removal
+            cannot keep equal (the hidden size set by embeddings, channels a LayerNorm normalises over) are left out
+            and listed in :attr:`excluded`.
 
     Raises:
+        UnsupportedModelError: if Torch-Pruning fails while tracing the model (the message names the layers next to
+            where it failed).
         ValueError: if no group can be pruned.
     """
 
-    def __init__(self, model: nn.Module, roots: Mapping[str, nn.Module], example_inputs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        roots: Mapping[str, nn.Module],
+        example_inputs: Any,
+        transformer: bool = True,
+    ) -> None:
         modes = {m: m.training for m in model.modules()}
+        module_names = {m: n for n, m in model.named_modules()}
+        self.model = model
+        self.config: TPConfig | None = None
         try:
-            with torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+            kwargs: dict[str, Any] = {"forward_fn": lambda m, x: inputs.call(m, x), "verbose": False}
+            if transformer:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.config = transformer_config(model, example_inputs)
+                kwargs = self.config.graph_kwargs()
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Torch-Pruning's note on unwrapped parameters
+                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, **kwargs)
+        except Exception as err:
+            near = _culprits(err, module_names)
+            raise UnsupportedModelError(
+                f"Torch-Pruning cannot trace {type(model).__name__} for channel pruning: {type(err).__name__}: {err} "
+                f"(near layers {near}). HINT: prune this model with granularity='unstructured' or 'nm'; channel "
+                f"pruning of this architecture is not supported."
+            ) from err
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        module_names = {m: n for n, m in model.named_modules()}
         root_set = {id(m) for m in roots.values()}
-        prunable_types = _CONV + _CONV_T + (nn.Linear,)
+        prunable_types = _CONV + _CONV_T + (nn.Linear,) + (self.config.root_module_types if self.config else ())
         outputs = [m for m, node in self.dg.module2node.items() if isinstance(m, nn.Module) and not node.outputs]
         ignored: list[nn.Module] = [
             m for m in model.modules() if isinstance(m, prunable_types) and id(m) not in root_set
         ]
         ignored += outputs
+        #: ``{layer name: reason}`` of the layers the transformer configuration keeps unpruned
+        self.excluded: dict[str, str] = {}
+        if self.config is not None:
+            named = modules_by_name(model)
+            self.excluded = {n: w for n, w in self.config.ignored.items() if n in named and id(named[n]) in root_set}
+            ignored += self.config.ignored_modules(model)
         self.output_layers = [module_names[m] for m in outputs if m in module_names]
         self.groups: dict[str, _Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=prunable_types):
+        canonical = {id(p): n for n, p in model.named_parameters()}  # a tied weight under one name
+        all_groups = list(self.dg.get_all_groups(ignored_layers=ignored, root_module_types=prunable_types))
+        if self.config is not None:
+            for group in extra_groups(self.config, self.dg):  # heads of MHA / GPT-2, ShuffleNet blocks' inner channels
+                if any(id(m) in root_set for m in self.config.members(group[0].dep.target.module)):
+                    all_groups.append(group)
+        for group in all_groups:
             root = group[0].dep.target.module
             name = module_names[root]
             g = _Group(
@@ -103,18 +201,31 @@ class ChannelGroups:
                 root=root,
                 handler=group[0].dep.handler,
                 channels=len(group[0].idxs),
-                out_dim=1 if isinstance(root, _CONV_T) else 0,
+                out_dim=1 if isinstance(root, _CONV_T) or _is_hf_conv1d(root) else 0,
+                heads=channel_units(self.config, group) if self.config is not None else None,
+                inner=self.config is not None
+                and (head_slices(self.config, group) is not None or not isinstance(root, prunable_types)),
             )
             for item in group.items:
                 mod = item.dep.target.module
                 if not isinstance(mod, nn.Module) or mod not in module_names:
                     continue
-                is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
-                for pname, dim in _param_dims(mod, item.dep.handler, is_out):
-                    full = f"{module_names[mod]}.{pname}" if module_names[mod] else pname
-                    g.items.append(
-                        _Item(full, dim, torch.as_tensor(list(item.idxs)), torch.as_tensor(list(item.root_idxs)))
-                    )
+                root_idxs = torch.as_tensor([int(i) for i in item.root_idxs])
+                slices = param_slices(self.config, mod, item.dep.handler, item.idxs) if self.config else None
+                if slices is None:
+                    is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
+                    idx = torch.as_tensor([int(i) for i in item.idxs])
+                    slices = [(pname, dim, idx) for pname, dim in _param_dims(mod, item.dep.handler, is_out)]
+                for pname, dim, idx in slices:
+                    try:
+                        param = mod.get_parameter(pname)
+                    except AttributeError:  # e.g. no bias
+                        continue
+                    full = canonical.get(id(param))
+                    if full is None:
+                        continue
+                    reps = max(1, len(idx) // max(1, len(root_idxs)))  # q/k/v rows of one head channel
+                    g.items.append(_Item(full, dim, idx, root_idxs.repeat(reps)))
             self.groups[name] = g
         if not self.groups:
             raise ValueError(
@@ -131,11 +242,10 @@ class ChannelGroups:
                 seen[it.param] = None
         return list(seen)
 
-    def root_weight(self, name: str) -> Tensor:
-        """The root layer's weight of group ``name``."""
-        weight = self.groups[name].root.weight
-        assert isinstance(weight, Tensor)
-        return weight
+    def root_weight(self, name: str) -> Tensor | None:
+        """The root layer's weight of group ``name`` (``None`` for a head group rooted at an attention module)."""
+        weight = getattr(self.groups[name].root, "weight", None)
+        return weight if isinstance(weight, Tensor) and not self.groups[name].inner else None
 
     def channel_scores(self, name: str, elementwise: Tensor) -> Tensor:
         """Sum an elementwise score of the root weight over each output channel.
@@ -149,6 +259,45 @@ class ChannelGroups:
         """
         g = self.groups[name]
         return elementwise.transpose(0, g.out_dim).reshape(g.channels, -1).sum(1)
+
+    def group_scores(self, name: str, elementwise: Mapping[str, Tensor]) -> Tensor:
+        """Sum an elementwise score of every parameter of a group over each root channel (heads: every q/k/v/out
+        weight of the head).
+
+        Args:
+            name: group name.
+            elementwise: ``{parameter name: scores shaped like it}`` for the group's parameters.
+
+        Returns:
+            One score per root channel.
+        """
+        g = self.groups[name]
+        out = torch.zeros(g.channels)
+        for it in g.items:
+            s = elementwise[it.param].float().cpu()
+            per = s.transpose(0, it.dim).reshape(s.shape[it.dim], -1).sum(1)
+            out.index_add_(0, it.root_idxs, per[it.target_idxs])
+        return out
+
+    def units(self, name: str) -> Tensor:
+        """The pruning unit of each root channel: its head for attention groups (``-1`` = always kept), else itself."""
+        g = self.groups[name]
+        return g.heads if g.heads is not None else torch.arange(g.channels)
+
+    def unit_scores(self, name: str, channel_scores: Tensor) -> tuple[Tensor, Tensor]:
+        """``(unit ids, score per unit)``: channel scores summed over each head (heads are scored as units)."""
+        units = self.units(name)
+        ids = torch.unique(units[units >= 0])
+        return ids, torch.stack([channel_scores[units == u].sum() for u in ids])
+
+    def channel_keep_of_units(self, name: str, ids: Tensor, unit_keep: Tensor) -> Tensor:
+        """Per-channel keep from a keep per unit (channels of no head are kept)."""
+        units = self.units(name)
+        keep = torch.ones(units.numel(), dtype=torch.bool)
+        for u, k in zip(ids.tolist(), unit_keep.tolist()):
+            if not k:
+                keep[units == u] = False
+        return keep
 
     def param_masks(self, keeps: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Turn per-group channel keep vectors into boolean masks of every coupled parameter.
@@ -182,14 +331,120 @@ class ChannelGroups:
         Returns:
             The number of channels removed.
         """
-        removed = 0
-        for gname, g in self.groups.items():
-            idxs = torch.nonzero(~keeps[gname].cpu()).flatten().tolist()
-            if not idxs:
-                continue
+        return sum(self.remove_group(gname, keeps[gname]) for gname in self.groups if gname in keeps)
+
+    @torch.no_grad()
+    def remove_group(self, name: str, keep: Tensor) -> int:
+        """Physically remove the pruned channels of one group.
+
+        Args:
+            name: group name.
+            keep: bool keep per channel.
+
+        Returns:
+            The number of channels removed.
+        """
+        g = self.groups[name]
+        idxs = torch.nonzero(~keep.cpu()).flatten().tolist()
+        if idxs:
             self.dg.get_pruning_group(g.root, g.handler, idxs).prune()
-            removed += len(idxs)
-        return removed
+            if self.config is not None:
+                after_removal(self.model, self.config)
+        return len(idxs)
+
+
+def output_error(reference: Any, output: Any) -> tuple[float, float]:
+    """``(max abs difference, tolerance)`` between two model outputs (tensors, tuples, dicts, model outputs).
+
+    The tolerance is ``1e-4`` times the reference's largest magnitude (at least ``1e-4``): float32 reordering stays far
+    below it, a removed channel that mattered does not. Outputs of different structure or shape give ``inf``.
+    """
+    ref, out = inputs.flat_tensors(reference), inputs.flat_tensors(output)
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        return float("inf"), 0.0
+    err, scale = 0.0, 1.0
+    for a, b in zip(ref, out):
+        if torch.is_floating_point(a):
+            err = max(err, float((a.float() - b.float()).abs().max())) if a.numel() else err
+            scale = max(scale, float(a.abs().max())) if a.numel() else scale
+        elif not torch.equal(a, b):
+            err = float("inf")
+    return err, 1e-4 * scale
+
+
+def rehearsal_keeps(groups: ChannelGroups, fraction: float = 0.25) -> dict[str, Tensor]:
+    """Keep vectors that drop a seeded random ``fraction`` of the units (channels, heads) of every group (at least
+    one, never all): an irregular pattern, as the ones training chooses."""
+    generator = torch.Generator().manual_seed(0)
+    keeps = {}
+    for name in groups.groups:
+        ids = groups.unit_scores(name, torch.zeros(groups.groups[name].channels))[0]
+        n = ids.numel()
+        unit_keep = torch.ones(n, dtype=torch.bool)
+        drop = min(max(1, round(fraction * n)), n - 1)
+        unit_keep[torch.randperm(n, generator=generator)[:drop]] = False  # irregular, as training's choices are
+        keeps[name] = groups.channel_keep_of_units(name, ids, unit_keep)
+    return keeps
+
+
+@torch.no_grad()
+def rehearse_removal(
+    model: nn.Module,
+    roots: Mapping[str, nn.Module],
+    example_inputs: Any,
+    transformer: bool = True,
+    fraction: float = 0.25,
+) -> dict[str, str]:
+    """Try channel removal on copies of ``model``: which groups cannot be removed without changing the outputs.
+
+    Each pass deep-copies the model, masks a ``fraction`` of the channels of every group still believed removable,
+    records the masked model's outputs on ``example_inputs`` (eval mode), then removes the groups one by one and
+    compares the outputs after each removal (:func:`output_error`). The first group whose removal raises or changes
+    the outputs is recorded and the pass restarts without it, until a pass removes all the rest cleanly.
+
+    Args:
+        model: the model (never modified).
+        roots: ``{name: module of model}`` allowed as roots.
+        example_inputs: the example (tensor, tuple or dict).
+        transformer: as for :class:`ChannelGroups`.
+        fraction: share of channels masked per group.
+
+    Returns:
+        ``{group name: reason}`` of the groups that cannot be removed (empty when all can).
+
+    Raises:
+        UnsupportedModelError: if Torch-Pruning cannot trace the model at all.
+        ValueError: if no group can be pruned.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    root_names = [names[id(m)] for m in roots.values()]
+    bad: dict[str, str] = {}
+    while True:
+        work = copy.deepcopy(model).eval()
+        modules = dict(work.named_modules())
+        work_roots = {n: modules[n] for n in root_names if n not in bad}
+        if not work_roots:
+            return bad
+        groups = ChannelGroups(work, work_roots, example_inputs, transformer)
+        keeps = rehearsal_keeps(groups, fraction)
+        params = dict(work.named_parameters())
+        for n, mk in groups.param_masks(keeps, params).items():
+            params[n].mul_(mk)
+        reference = inputs.call(work, example_inputs)
+        failed = None
+        for gname in groups.groups:
+            try:
+                groups.remove_group(gname, keeps[gname])
+                err, tol = output_error(reference, inputs.call(work, example_inputs))
+            except Exception as e:  # any failure of the removal or of the thinner model's forward pass
+                failed = (gname, f"removal fails: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                break
+            if not err <= tol:
+                failed = (gname, f"outputs change by {err:.3g} (tolerance {tol:.2g}) once its channels are removed")
+                break
+        if failed is None:
+            return bad
+        bad[failed[0]] = failed[1]
 
 
 def save_pruned(model: nn.Module, path: str | Path) -> None:
@@ -252,17 +507,20 @@ _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_fea
 STRUCTURE_KEY = "lightning_opt_pruned_structure"
 
 
-def pruned_structure(model: nn.Module) -> dict[str, dict[str, int]]:
+def pruned_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The shape attributes of every layer (plain ints, so a checkpoint holding them loads with ``weights_only``).
 
     :class:`~lightning_opt.pruning.Pruning` stores this in every checkpoint saved after channel removal, under
     ``"lightning_opt_pruned_structure"``; :func:`restore_pruned_structure` uses it to rebuild the thin layers.
     """
-    return {
+    out: dict[str, dict[str, Any]] = {
         name: {a: int(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), int)}
         for name, module in model.named_modules()
         if any(isinstance(getattr(module, a, None), int) for a in _SHAPE_ATTRS)
     }
+    for name, attrs in attention_structure(model).items():  # head counts, kept heads, Conv1D shapes
+        out.setdefault(name, {}).update(attrs)
+    return out
 
 
 def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bool:
@@ -309,4 +567,5 @@ def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bo
                     continue
                 empty = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
                 tensors[key] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    restore_attention_structure(model, structure, state)  # head counts; a head-pruned MHA's forward
     return True

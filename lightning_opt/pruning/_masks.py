@@ -7,6 +7,8 @@ into the plain model with its zeros.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -14,21 +16,71 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "DEFAULT_MODULE_TYPES",
     "apply_masks",
     "channel_keep",
+    "coverage",
     "mask_sparsity",
     "masks_from_model",
+    "module_weights",
     "nm_masks",
     "select_modules",
+    "select_weights",
     "unstructured_masks",
 ]
 
+#: Module types pruned by default. ``MultiheadAttention`` contributes its input projections (``in_proj_weight``, or
+#: ``q/k/v_proj_weight``; its ``out_proj`` is a ``Linear``); Hugging Face's ``Conv1D`` (GPT-2) is used when
+#: ``transformers`` is installed.
+DEFAULT_MODULE_TYPES = (
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Linear",
+    "MultiheadAttention",
+    "transformers.pytorch_utils.Conv1D",
+)
+_OPTIONAL_TYPES = ("transformers.pytorch_utils.Conv1D",)
 
-def _resolve_type(name: str) -> type[nn.Module]:
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def module_weights(module: nn.Module) -> list[tuple[str, int]]:
+    """The prunable weights of a module and the axis of their input features: ``[(parameter name, input axis)]``.
+
+    ``Linear``/``Conv`` weights are ``(out, in, ...)`` (input axis 1); Hugging Face's ``Conv1D`` stores ``(in, out)``
+    (axis 0); ``MultiheadAttention`` holds its input projections as ``in_proj_weight`` ``(3 * embed, embed)``, or
+    ``q/k/v_proj_weight`` when key and value sizes differ. N:M groups run along the input axis.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The list, empty when the module has no prunable weight of its own.
+
+    Example:
+        >>> module_weights(nn.MultiheadAttention(8, 2))
+        [('in_proj_weight', 1)]
+        >>> module_weights(nn.Linear(2, 3))
+        [('weight', 1)]
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [(n, 1) for n in names if isinstance(getattr(module, n, None), Tensor)]
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() < 2:
+        return []
+    return [("weight", 0 if _is_hf_conv1d(module) else 1)]
+
+
+def _resolve_type(name: str) -> type[nn.Module] | None:
+    if name in _OPTIONAL_TYPES and importlib.util.find_spec(name.split(".")[0]) is None:
+        return None  # a default type of a library that is not installed
     if "." in name:
         mod_name, _, cls_name = name.rpartition(".")
-        import importlib
-
         try:
             cls = getattr(importlib.import_module(mod_name), cls_name)
         except (ImportError, AttributeError) as err:
@@ -51,7 +103,8 @@ def select_modules(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> dict[str, nn.Module]:
-    """Modules to prune: of ``module_types``, with a ``weight``, name matching ``include`` and not ``exclude``.
+    """Modules to prune: of ``module_types``, with a prunable weight (:func:`module_weights`), name matching
+    ``include`` and not ``exclude``.
 
     Args:
         model: the model to search.
@@ -70,12 +123,8 @@ def select_modules(
         >>> list(select_modules(m, ["Linear"], exclude=[r"^2$"]))
         ['0']
     """
-    types = tuple(_resolve_type(t) for t in module_types)
-    candidates = {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, types) and isinstance(getattr(mod, "weight", None), Tensor)
-    }
+    types = tuple(t for t in (_resolve_type(t) for t in module_types) if t is not None)
+    candidates = {name: mod for name, mod in model.named_modules() if isinstance(mod, types) and module_weights(mod)}
     selected = dict(candidates)
     if include:
         for pattern in include:
@@ -93,6 +142,69 @@ def select_modules(
             f"Prunable modules: {list(candidates)}."
         )
     return selected
+
+
+def select_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, tuple[str, int]]:
+    """The weights of the selected modules by their ``model.named_parameters()`` name, each once.
+
+    A weight shared by several modules (GPT-2's ``lm_head.weight`` is the token embedding) appears once, under the
+    name ``named_parameters`` gives it (the first owner), so it is scored, masked and counted once.
+
+    Args:
+        model: the model holding ``modules``.
+        modules: ``{module name: module}`` (e.g. from :func:`select_modules`).
+
+    Returns:
+        ``{parameter name: (selecting module name, input axis)}``.
+
+    Example:
+        >>> emb = nn.Embedding(10, 4)
+        >>> head = nn.Linear(4, 10, bias=False)
+        >>> head.weight = emb.weight
+        >>> m = nn.Sequential(emb, head)
+        >>> select_weights(m, {"1": head})
+        {'0.weight': ('1', 1)}
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, tuple[str, int]] = {}
+    for mname, module in modules.items():
+        for pname, axis in module_weights(module):
+            name = canonical.get(id(getattr(module, pname)))
+            if name is not None and name not in out:
+                out[name] = (mname, axis)
+    return out
+
+
+def coverage(model: nn.Module, covered: Iterable[str]) -> tuple[float, list[tuple[str, str, float]]]:
+    """Which share of a model's parameters a technique covers, and what it leaves out.
+
+    Args:
+        model: the model (each shared parameter counted once).
+        covered: names (``named_parameters``) of the covered parameters.
+
+    Returns:
+        ``(covered fraction of all parameter elements, [(name, owner module type, fraction of all elements)])`` for
+        every parameter not covered, largest first.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        >>> share, left = coverage(m, ["0.weight"])
+        >>> round(share, 3), [(n, t) for n, t, _ in left]
+        (0.571, [('0.bias', 'Linear'), ('1.weight', 'LayerNorm'), ('1.bias', 'LayerNorm')])
+    """
+    owners: dict[int, str] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), type(module).__name__)
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    if not total:
+        return 1.0, []
+    covered = set(covered)
+    done = sum(p.numel() for n, p in params.items() if n in covered)
+    left = [(n, owners.get(id(p), "?"), p.numel() / total) for n, p in params.items() if n not in covered]
+    left.sort(key=lambda r: -r[2])
+    return done / total, left
 
 
 def _pool_prune(scores: list[Tensor], masks: list[Tensor], target: float) -> list[Tensor]:
@@ -190,8 +302,12 @@ def channel_keep(
     keeps: Mapping[str, Tensor],
     pools: Iterable[tuple[Sequence[str], float]],
     normalize: bool = True,
+    sizes: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Channel masks: in each pool of channel groups prune the lowest-scoring fraction of channels.
+
+    With ``sizes`` the entries are units of several channels (attention heads, grouped-convolution positions): the
+    lowest-scoring units are pruned until ``round(target * channels)`` channels of the pool are pruned.
 
     Each group keeps at least one channel. In a pool of several groups (global scope) scores are divided by the
     group's mean score when ``normalize`` so that layers of different size and scale compare.
@@ -201,6 +317,7 @@ def channel_keep(
         keeps: ``{group name: current bool keep per channel}``.
         pools: ``(group names, target fraction of channels)`` pairs.
         normalize: divide scores by the group mean in multi-group pools.
+        sizes: ``{group name: channels per entry}`` (default one channel per entry).
 
     Returns:
         New keep vectors for every group in the pools.
@@ -209,6 +326,10 @@ def channel_keep(
         >>> keep = {"c": torch.ones(4, dtype=torch.bool)}
         >>> channel_keep({"c": torch.tensor([3.0, 1.0, 2.0, 4.0])}, keep, [(["c"], 0.5)])
         {'c': tensor([ True, False, False,  True])}
+        >>> heads = {"h": torch.ones(3, dtype=torch.bool)}  # 3 heads of 2 channels: 3 of 6 channels take 2 heads
+        >>> sizes = {"h": torch.tensor([2, 2, 2])}
+        >>> channel_keep({"h": torch.tensor([3.0, 1.0, 2.0])}, heads, [(["h"], 0.5)], sizes=sizes)
+        {'h': tensor([ True, False, False])}
     """
     out: dict[str, Tensor] = {}
     for names, target in pools:
@@ -227,7 +348,15 @@ def channel_keep(
         flat = torch.cat(scores)
         total = flat.numel()
         already = int((flat == -torch.inf).sum())
-        k = min(max(round(target * total), already), total - len(names))
+        if sizes is None:
+            k = round(target * total)
+        else:  # the fewest lowest units whose channels reach the target
+            flat_sizes = torch.cat([sizes[n].reshape(-1).to(flat.device, torch.float64) for n in names])
+            goal = round(target * float(flat_sizes.sum()))
+            cum = torch.cumsum(flat_sizes[torch.sort(flat, stable=True).indices], 0)
+            k = int(torch.searchsorted(cum, torch.tensor([goal], dtype=torch.float64, device=flat.device))) + 1
+            k = k if goal > 0 else 0
+        k = min(max(k, already), total - len(names))
         keep = torch.ones(total, dtype=torch.bool, device=flat.device)
         if k > 0:
             keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pruning_helpers import LitNet, loaders, make_trainer
 
 from lightning_opt.pruning import Pruning
@@ -74,12 +75,13 @@ def test_fractions_need_a_finite_run(tmp_path):
         _fit(tmp_path, P(), max_epochs=-1, max_steps=-1)
 
 
-def test_channel_needs_example_input(tmp_path):
+def test_channel_without_example_input_traces_the_first_training_batch(tmp_path):
     model = LitNet("cnn")
     model.example_input_array = None
-    trainer = make_trainer(tmp_path, [P(granularity="channel")])
-    with pytest.raises(ValueError, match="needs an example input.*`example_input_shape`"):
-        trainer.fit(model, *loaders())
+    cb = P(granularity="channel")
+    make_trainer(tmp_path, [cb]).fit(model, *loaders())
+    first_inputs = next(iter(loaders()[0]))[0]
+    assert torch.equal(cb._example, first_inputs[:2])  # real values of the first batch, not made up
 
 
 @pytest.mark.ddp
