@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -448,11 +449,11 @@ def rehearse_removal(
 
 
 def save_pruned(model: nn.Module, path: str | Path) -> None:
-    """Save a model whose channels were removed: weights and the changed layer shapes (``tp.state_dict``).
+    """Save a model whose channels were removed: its weights and the changed layer shapes, as plain tensors and ints.
 
-    Each direct child module that holds parameters is stored with Torch-Pruning's ``tp.state_dict`` (the root's own
-    attributes and parameter-free children such as metrics are left out, so a LightningModule saves too). Reload
-    with :func:`load_pruned` into a freshly built model of the same class.
+    The file holds the model's ``state_dict`` and :func:`pruned_structure` (layer widths, head counts, kept heads),
+    nothing that needs code to load: :func:`load_pruned` reads it with ``torch.load(weights_only=True)`` into a
+    freshly built model of the same class. The file is written atomically (a temporary name, then a rename).
 
     Args:
         model: the pruned model (a LightningModule or any ``nn.Module``).
@@ -468,16 +469,15 @@ def save_pruned(model: nn.Module, path: str | Path) -> None:
         >>> load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), p)[1].in_features
         2
     """
-    children = {
-        name: tp.state_dict(child)
-        for name, child in model.named_children()
-        if any(True for _ in child.parameters())  # metrics and other parameter-free children are rebuilt as they are
-    }
-    torch.save({"format": "lightning_opt.pruned/1", "children": children}, path)
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    payload = {"format": _PRUNED_FORMAT, "state_dict": model.state_dict(), STRUCTURE_KEY: pruned_structure(model)}
+    torch.save(payload, tmp)
+    os.replace(tmp, target)
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load :func:`save_pruned` output into a freshly built (unpruned) model of the same class.
+    """Load :func:`save_pruned` output (weights-only) into a freshly built (unpruned) model of the same class.
 
     Args:
         model: a new instance built with the original constructor arguments.
@@ -488,22 +488,23 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
         mode.
 
     Raises:
-        ValueError: if the file was not written by :func:`save_pruned` or names a child ``model`` lacks.
+        ValueError: if the file was not written by :func:`save_pruned`, or names a layer ``model`` lacks.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != "lightning_opt.pruned/1":
-        raise ValueError(f"{path} was not written by lightning_opt.pruning.save_pruned.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != _PRUNED_FORMAT:
+        raise ValueError(
+            f"{str(path)!r} was not written by lightning_opt.pruning.save_pruned (format {_PRUNED_FORMAT!r}). "
+            "HINT: rerun the pruning fit, or reload its Lightning checkpoint, which records the same structure."
+        )
     training = model.training
-    for name, child_state in state["children"].items():
-        child = getattr(model, name, None)
-        if not isinstance(child, nn.Module):
-            raise ValueError(f"{path} holds a child module {name!r} that {type(model).__name__} does not have.")
-        tp.load_state_dict(child, state_dict=child_state)
-    return model.train(training)  # the file also holds the train/eval flags of the moment it was saved
+    restore_pruned_structure(model, state)
+    model.load_state_dict(state["state_dict"])
+    return model.train(training)
 
 
-#: Module attributes that describe a layer's shape; channel removal changes them.
+#: Shape attributes of every layer, in checkpoints and in :func:`save_pruned` files.
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
+_PRUNED_FORMAT = "lightning_opt.pruned/2"
 STRUCTURE_KEY = "lightning_opt_pruned_structure"
 
 
