@@ -243,9 +243,10 @@ class LanguageModelingMetric(Metric):
 
     def update(self, losses: Tensor, token_bytes: Tensor) -> None:  # type: ignore[override]
         """Add the losses (nats) of counted tokens and the bytes each of them stands for."""
-        self.nats += losses.detach().double().sum()
-        self.tokens += losses.numel()
-        self.bytes += token_bytes.long().sum()
+        # out of place: states reset under inference mode (trainer.validate) cannot be updated in place afterwards
+        self.nats = self.nats + losses.detach().double().sum()
+        self.tokens = self.tokens + losses.numel()
+        self.bytes = self.bytes + token_bytes.long().sum()
 
     def compute(self) -> dict[str, Tensor]:
         """``{"loss", "ppl", "bpb"}``."""
