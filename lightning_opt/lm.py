@@ -31,16 +31,20 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_opt.schedules import _check_point, resolve_step
-from lightning_opt.text import ByteTokenizer, Tokenizer
+from lightning_opt.text import ByteTokenizer, Tokenizer, tokenizer_from_state, tokenizer_state
 
 __all__ = [
     "IGNORE_INDEX",
+    "TOKENIZER_KEY",
     "CausalSelfAttention",
     "GPTDecoder",
     "LanguageModel",
     "LanguageModelingMetric",
     "next_token_losses",
 ]
+
+#: Checkpoint key of the model's tokenizer (:func:`~lightning_opt.text.tokenizer_state`).
+TOKENIZER_KEY = "lightning_opt_tokenizer"
 
 #: Target id that counts in no loss or metric (padding), as in ``F.cross_entropy``.
 IGNORE_INDEX = -100
@@ -493,8 +497,15 @@ class LanguageModel(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(-1)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the tokenizer in the checkpoint, so a model loaded from it decodes (and is compared) with its own."""
+        checkpoint[TOKENIZER_KEY] = tokenizer_state(self.tokenizer)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild a structure that lightning-opt changed (removed heads or units, a QAT graph) before loading."""
+        """Restore the tokenizer; rebuild a structure that lightning-opt changed (removed heads, a QAT graph)."""
+        if TOKENIZER_KEY in checkpoint:
+            self.tokenizer = tokenizer_from_state(checkpoint[TOKENIZER_KEY])
+            self._token_bytes = self.tokenizer.token_bytes()
         from lightning_opt.pruning import restore_pruned_structure
         from lightning_opt.quantization import restore_quantized_structure
 

@@ -44,6 +44,8 @@ __all__ = [
     "Tokenizer",
     "default_corpus",
     "load_tokenizer",
+    "tokenizer_from_state",
+    "tokenizer_state",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -185,6 +187,17 @@ class BPETokenizer:
             )
         return cls(Tokenizer.from_file(str(path)))
 
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        """The tokenizer of a JSON string written by :meth:`to_json` (as checkpoints hold it)."""
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        """The whole tokenizer as one JSON string."""
+        return str(self.tokenizer.to_str())
+
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +231,23 @@ class BPETokenizer:
     def fingerprint(self) -> str:
         """A hash of the vocabulary and merges (compared on resume)."""
         return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def tokenizer_state(tokenizer: Tokenizer) -> dict[str, str]:
+    """A checkpoint-friendly description of a tokenizer: ``{"kind": "byte"}`` or ``{"kind": "bpe", "json": ...}``.
+
+    Example:
+        >>> tokenizer_from_state(tokenizer_state(ByteTokenizer())).vocab_size
+        256
+    """
+    if isinstance(tokenizer, BPETokenizer):
+        return {"kind": "bpe", "json": tokenizer.to_json()}
+    return {"kind": "byte"}
+
+
+def tokenizer_from_state(state: dict[str, str]) -> Tokenizer:
+    """The tokenizer described by :func:`tokenizer_state`."""
+    return BPETokenizer.from_json(state["json"]) if state.get("kind") == "bpe" else ByteTokenizer()
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:

@@ -202,3 +202,14 @@ def test_sample_is_logged_to_tensorboard_as_text(tmp_path: Path) -> None:
     ids = model.generate("def ", 12, top_k=5, generator=torch.Generator().manual_seed(3))
     assert len(ids) == 4 + 12 and ids[:4] == list(b"def ")
     assert text == "```\n" + model.tokenizer.decode(ids) + "\n```"
+
+
+def test_checkpoint_keeps_the_bpe_tokenizer(tmp_path: Path) -> None:
+    model = LanguageModel(**{**TINY, "vocab_size": 300}, sample_tokens=0)
+    dm = TextDataModule(root=str(_corpus(tmp_path / "c")), context=8, tokenizer="bpe", vocab_size=270)
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    loaded = LanguageModel.load_from_checkpoint(tmp_path / "lm.ckpt")
+    assert loaded.tokenizer.fingerprint() == dm.tokenizer.fingerprint() != "bytes"
+    assert loaded.tokenizer.encode("def add(a, b):") == dm.tokenizer.encode("def add(a, b):")
