@@ -289,7 +289,10 @@ def _build_hf(hf_config: dict[str, Any], vocab_size: int, context: int) -> nn.Mo
     try:
         hf = AutoConfig.for_model(model_type, **config)
     except ValueError as err:
-        raise ValueError(f"`hf_config.model_type`={model_type!r} is not a Hugging Face model type: {err}") from err
+        raise ValueError(
+            f"`hf_config.model_type`={model_type!r} is not a Hugging Face model type known to this transformers "
+            "release. HINT: causal LMs such as gpt2, llama, gpt_neox, opt, qwen2."
+        ) from err
     return AutoModelForCausalLM.from_config(hf)
 
 

@@ -72,6 +72,7 @@ def test_decoder_refuses_inputs_longer_than_its_context() -> None:
         ({"sample_top_k": 0}, r"`sample_top_k` must be an integer >= 1 or None \(greedy\), got 0"),
         ({"sample_prompt": ""}, r"`sample_prompt` must be a non-empty text"),
         ({"hf_config": {"n_layer": 1}}, r"`hf_config` must name its `model_type`"),
+        ({"hf_config": {"model_type": "nosuch"}}, r"`hf_config.model_type`='nosuch' is not a Hugging Face model type"),
         (
             {"hf_config": {"model_type": "gpt2", "vocab_size": 50257}},
             r"`hf_config.vocab_size`=50257 disagrees with the LanguageModel's `vocab_size`=256",
