@@ -126,6 +126,11 @@ its default arguments plus what a user must give, then the technique's own resul
 """
 
 
+def _write_json(path: str, cells: Sequence[Cell], threads: int) -> None:
+    data = {"threads": threads, "torch": torch.__version__, "cells": [c.as_dict() for c in cells]}
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=None, help=f"zoo entries (default all: {', '.join(ZOO)})")
@@ -141,16 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json:
         cells = [Cell(**row) for path in args.from_json for row in json.loads(Path(path).read_text())["cells"]]
     else:
+        done: list[Cell] = []
 
         def progress(cell: Cell) -> None:
             print(f"{cell.model:17s} {cell.technique:13s} {cell.status:8s} {cell.seconds:6.1f}s {cell.message[:110]}")
             sys.stdout.flush()
+            done.append(cell)
+            if args.json:  # after every cell, so that a long run stopped early keeps what it did
+                _write_json(args.json, done, args.threads)
 
         with tempfile.TemporaryDirectory() as root:
             cells = run_matrix(root, args.models, args.techniques, not args.no_measure, args.threads, on_cell=progress)
     if args.json:
-        data = {"threads": args.threads, "torch": torch.__version__, "cells": [c.as_dict() for c in cells]}
-        Path(args.json).write_text(json.dumps(data, indent=1))
+        _write_json(args.json, cells, args.threads)
     print(f"\n## Matrix ({args.threads} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})\n")
     print(matrix_table(cells))
     print("\n## Before / after (working cells; latency: median, batch of the example, side by side)\n")

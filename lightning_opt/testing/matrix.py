@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import time
 import traceback
 import warnings
@@ -168,10 +169,23 @@ def _logits(out: Any) -> Tensor:
     return out.float()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(err).__name__}: {line}"[:300]
+    """``Type: first line of the message``, then the first line of its root cause when it has one."""
+
+    def line(e: BaseException) -> str:
+        text = _ANSI.sub("", str(e)).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+    out = line(err)
+    cause = err.__cause__
+    while cause is not None and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is not None:
+        out += f" (cause: {line(cause)})"
+    return out[:400]
 
 
 def _raised_by_plugin(err: BaseException) -> bool:
