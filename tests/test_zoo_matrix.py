@@ -20,8 +20,37 @@ from lightning_opt.testing.zoo import ZOO, available
 
 pytest.importorskip("onnxruntime")
 
+_ARTIFACT = (
+    "int8 .pt2 export of the whole LightningModule: its `forward(*args)` gets `dynamic_shapes` built for one "
+    "positional input (issue #10 point 3; zoo-quant)"
+)
+_ZERO_BN = (
+    "QAT on zero-initialised BatchNorm weights: NaN, then `zero_point` out of range (issue #10 point 5; zoo-quant)"
+)
+_ONNX = (
+    "export_onnx/OnnxRuntimeModel take one positional tensor: fail on `forward(*args)` and tuple inputs (#10 point 3)"
+)
+_TIED = "tied lm_head: KeyError at the first pruning update (issue #10 point 3; zoo-pruning)"
+
 # (model, technique) -> why it fails today. Delete a row once the fix is merged: strict xfail makes it fail then.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    **{(m, "qat"): _ARTIFACT for m in ("resnet18", "mobilenet_v2", "mobilenet_v3", "efficientnet", "densenet")},
+    **{(m, "qat"): _ARTIFACT for m in ("shufflenet", "convnext", "vit")},
+    ("resnet_d", "qat"): _ZERO_BN,
+    ("regnet", "qat"): _ZERO_BN,
+    ("bert", "qat"): "QAT passes the tuple (input_ids, attention_mask) as one argument (issue #10 point 3; zoo-quant)",
+    **{(m, "ptq"): _ARTIFACT for m in ("resnet18", "resnet_d", "mobilenet_v2", "mobilenet_v3", "efficientnet")},
+    **{(m, "ptq"): _ARTIFACT for m in ("densenet", "shufflenet", "regnet", "convnext", "vit")},
+    ("bert", "ptq"): "PTQ calibrates/exports with the tuple example as one input (issue #10 point 3; zoo-quant)",
+    **{(m, "onnx"): _ONNX for m in ZOO},
+    ("regnet", "channel"): "grouped convolutions: crash at channel removal (issue #10 point 1; zoo-pruning)",
+    ("convnext", "channel"): "LayerNorm over pruned channels: outputs change at removal, silent (#10.1; zoo-pruning)",
+    ("vit", "channel"): "timm Attention heads pruned as channels: reshape crash at removal (#10 point 1; zoo-pruning)",
+    ("gpt2", "channel"): "GPT-2 Conv1D: Torch-Pruning internal TypeError at setup (issue #10 point 1; zoo-pruning)",
+    ("shufflenet", "channel"): "channel shuffle: Torch-Pruning internal error (issue #10 point 1; zoo-pruning)",
+    ("gpt2", "unstructured"): _TIED,
+    ("gpt2", "nm"): _TIED,
+}
 
 
 def _cells() -> list[pytest.ParameterSet]:
