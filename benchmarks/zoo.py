@@ -144,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     if args.from_json:
-        cells = [Cell(**row) for path in args.from_json for row in json.loads(Path(path).read_text())["cells"]]
+        parts = [json.loads(Path(path).read_text()) for path in args.from_json]
+        cells = [Cell(**row) for part in parts for row in part["cells"]]
+        args.threads = parts[0].get("threads", args.threads)
     else:
         done: list[Cell] = []
 
