@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def reasons_table(cells: Sequence[Cell]) -> str:
     lines = ["| model | technique | status | why |", "|---|---|---|---|"]
     for c in cells:
         if c.status != "works":
-            why = c.message.replace("|", "\\|").replace("\n", " ")
+            why = re.sub(r"\x1b\[[0-9;]*m", "", c.message).replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {c.model} | {c.technique} | {c.status} | {why} |")
     return "\n".join(lines)
 
@@ -159,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory() as root:
             cells = run_matrix(root, args.models, args.techniques, not args.no_measure, args.threads, on_cell=progress)
+    order = {(m, t): (i, j) for i, m in enumerate(ZOO) for j, t in enumerate(TECHNIQUES)}
+    cells = sorted(cells, key=lambda c: order.get((c.model, c.technique), (len(ZOO), 0)))
     if args.json:
         _write_json(args.json, cells, args.threads)
     print(f"\n## Matrix ({args.threads} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})\n")
