@@ -249,6 +249,17 @@ def _measure(model: nn.Module, example: Any, latency: bool, threads: int, prefix
     return out
 
 
+def _interleaved_latency(models: dict[str, Any], example: Any, threads: int, rounds: int = 3) -> dict[str, float]:
+    """Median latency (ms) of each model, timed in alternating rounds so that machine noise hits them alike."""
+    from lightning_opt.measure import measure_latency
+
+    runs: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            runs[name].append(measure_latency(model, example, warmup=2, repeats=10, num_threads=threads).median_ms)
+    return {name: sorted(values)[len(values) // 2] for name, values in runs.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------- techniques
 @dataclass
 class _Run:
@@ -401,7 +412,6 @@ def _onnx(name: str, root: str, measure: bool, threads: int) -> _Run:
     datamodule_batches = ZooDataModule(name).train_dataloader
 
     def check(trainer: pl.Trainer) -> dict[str, float]:
-        from lightning_opt.measure import measure_latency
         from lightning_opt.quantization import OnnxRuntimeModel, export_onnx, quantize_onnx
 
         example: Any = model.example_input_array  # in the model's own form (tensor, tuple or dict)
@@ -416,8 +426,8 @@ def _onnx(name: str, root: str, measure: bool, threads: int) -> _Run:
         figures["max_abs_diff"] = _scaled_max_diff(out32, ref)
         figures["rel_l2"] = _rel_l2(out8, ref)
         if measure:
-            figures["latency_ms_before"] = measure_latency(fp32, example, num_threads=threads, repeats=20).median_ms
-            figures["latency_ms_after"] = measure_latency(int8, example, num_threads=threads, repeats=20).median_ms
+            timed = _interleaved_latency({"before": fp32, "after": int8}, example, threads)
+            figures.update({f"latency_ms_{k}": v for k, v in timed.items()})
         _finite(out32, "the fp32 ONNX model's output")
         _finite(out8, "the int8 ONNX model's output")
         if figures["max_abs_diff"] > TOLERANCES["onnx_atol"]:
@@ -558,10 +568,9 @@ def run_cell(
     with _quiet():
         try:
             run = _BUILDERS[technique](model, root, measure, num_threads)
-            if measure:
-                figures.update(
-                    _measure(copy.deepcopy(run.module), run.module.example_input_array, True, num_threads, "before")
-                )
+            reference = copy.deepcopy(run.module).eval() if measure else None  # the model before training
+            if reference is not None:
+                figures.update(_measure(reference, reference.example_input_array, False, num_threads, "before"))
             trainer = _trainer(root, [started, *run.callbacks])
             trainer.fit(run.module, datamodule=ZooDataModule(model))
         except Exception as err:
@@ -576,8 +585,12 @@ def run_cell(
             return Cell(model, technique, status, message, figures, time.perf_counter() - start)
         try:
             figures.update(run.check(trainer))
-            if measure and technique in ("unstructured", "nm", "channel", "distillation"):
-                figures.update(_measure(run.module, run.module.example_input_array, True, num_threads, "after"))
+            if reference is not None and technique in ("unstructured", "nm", "channel", "distillation"):
+                example = run.module.example_input_array
+                figures.update(_measure(run.module, example, False, num_threads, "after"))
+                run.module.eval()
+                timed = _interleaved_latency({"before": reference, "after": run.module}, example, num_threads)
+                figures.update({f"latency_ms_{k}": v for k, v in timed.items()})
         except _CheckFailed as err:
             return Cell(model, technique, "silent", str(err), figures, time.perf_counter() - start)
         except Exception as err:
