@@ -8,7 +8,8 @@ Post-training steps (ONNX export) follow the fit, with the library's public func
 - ``"works"``: the run finished and the technique's own result checks out (see :data:`TOLERANCES`):
 
   - ``unstructured``: the pruned weights are 50% zeros (the schedule's target) within 0.01;
-  - ``nm``: every group of 4 consecutive input weights of every pruned layer holds at most 2 nonzeros;
+  - ``nm``: every group of 4 consecutive input weights of every pruned layer holds at most 2 nonzeros (the input
+    axis is dim 1 of ``Linear``/``Conv`` weights, dim 0 of Hugging Face's ``Conv1D``);
   - ``channel`` (``remove_channels=True``): fewer parameters after removal, and the thinned model's outputs equal the
     masked model's (taken just before removal) within ``channel_atol`` (relative to the largest output, at least 1);
   - ``qat`` / ``ptq``: the int8 ``.pt2`` artifact, loaded back from disk, gives finite outputs, bit-identical on two
@@ -307,7 +308,10 @@ def _nm(name: str, root: str, measure: bool, threads: int) -> _Run:
         bad = []
         for row in rows:
             w = params[row["layer"]].detach()
-            groups = w.permute(0, *range(2, w.dim()), 1).reshape(-1, 4)  # input dim last, groups of 4
+            owner = model.get_submodule(row["layer"].rpartition(".")[0])
+            axis = 0 if type(owner).__name__ == "Conv1D" else 1  # Hugging Face's Conv1D stores (in, out)
+            dims = [d for d in range(w.dim()) if d != axis]
+            groups = w.permute(*dims, axis).reshape(-1, 4)  # input axis last, groups of 4
             if int((groups != 0).sum(1).max()) > 2:
                 bad.append(row["layer"])
         total = sum(r["params"] for r in rows)
