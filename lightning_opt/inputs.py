@@ -36,6 +36,7 @@ __all__ = [
     "LABEL_KEYS",
     "Example",
     "as_dtype_name",
+    "batch_index",
     "batch_inputs",
     "batch_size",
     "batch_target",
@@ -178,6 +179,27 @@ def batch_target(batch: Any) -> Tensor | None:
         return None
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], Tensor):
         return batch[1]
+    return None
+
+
+def batch_index(batch: Any) -> Tensor | None:
+    """The sample indices of a batch, when it carries them: the third item of a tuple, or a dict's ``index``/``idx``.
+
+    Example:
+        >>> batch_index((torch.zeros(2, 3), torch.zeros(2), torch.tensor([4, 7]))).tolist()
+        [4, 7]
+        >>> batch_index({"input_ids": torch.zeros(2, 3), "idx": torch.tensor([1, 2])}).tolist()
+        [1, 2]
+        >>> batch_index((torch.zeros(2, 3), torch.zeros(2))) is None
+        True
+    """
+    if isinstance(batch, Mapping):
+        for key in ("index", "idx"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+        return None
+    if isinstance(batch, (tuple, list)) and len(batch) > 2 and isinstance(batch[2], Tensor):
+        return batch[2]
     return None
 
 

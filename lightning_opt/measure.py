@@ -2,6 +2,10 @@
 
 Every figure lightning-opt reports comes from here and is measured on the model (or artifact) it describes.
 FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two FLOPs).
+
+Inputs are examples in any form :mod:`lightning_opt.inputs` knows: one tensor (``model(x)``), a tuple of positional
+tensors (``model(*example)``) or a dict of keyword tensors (``model(**example)``); integer inputs (token ids, masks)
+keep their dtype and values.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_opt import inputs
 
 __all__ = [
     "LatencyResult",
@@ -80,17 +86,23 @@ def file_size_bytes(path: str | os.PathLike) -> int:
     return os.path.getsize(path)
 
 
-def count_flops(model: nn.Module | Callable[..., Any], example_input: torch.Tensor | tuple) -> int:
+def count_flops(model: nn.Module | Callable[..., Any], example_input: inputs.Example) -> int:
     """FLOPs of one forward pass on ``example_input``, counted by :class:`~torch.utils.flop_counter.FlopCounterMode`.
+
+    Args:
+        model: A module or any callable.
+        example_input: One tensor, a tuple of positional tensors or a dict of keyword tensors.
 
     Example:
         >>> count_flops(nn.Linear(4, 3, bias=False), torch.zeros(2, 4))  # 2 * batch * in * out
         48
+        >>> ids = torch.zeros(2, 5, dtype=torch.long)
+        >>> count_flops(nn.Embedding(10, 4), {"input": ids})  # a lookup is no FLOP
+        0
     """
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(*inputs)
+        inputs.call(model, example_input)
     return int(counter.get_total_flops())
 
 
@@ -120,7 +132,7 @@ class LatencyResult:
 
 def measure_latency(
     model: nn.Module | Callable[..., Any],
-    example_input: torch.Tensor | tuple,
+    example_input: inputs.Example,
     warmup: int = 5,
     repeats: int = 30,
     num_threads: int = 1,
@@ -130,11 +142,12 @@ def measure_latency(
 
     Args:
         model: A module or any callable (a compiled or exported artifact).
-        example_input: One input tensor (or a tuple of them).
+        example_input: One tensor, a tuple of positional tensors or a dict of keyword tensors.
         warmup: Untimed runs first (lazy initialisation, compilation, caches).
         repeats: Timed runs.
         num_threads: ``torch.set_num_threads`` during the measurement (restored afterwards).
-        batch_size: When given, the first input is repeated along dim 0 to this batch size.
+        batch_size: When given, every batched input (ids *and* their attention mask) is tiled along dim 0 to this
+            many rows with its real values and dtype (:func:`lightning_opt.inputs.repeat_to`).
 
     Raises:
         ValueError: If ``repeats`` < 1 or ``warmup`` < 0 or ``num_threads`` < 1.
@@ -143,26 +156,26 @@ def measure_latency(
         >>> result = measure_latency(nn.Linear(8, 8), torch.zeros(1, 8), warmup=1, repeats=5)
         >>> result.median_ms > 0
         True
+        >>> model = nn.Bilinear(3, 2, 1)  # two inputs, both tiled to the batch size
+        >>> measure_latency(model, (torch.zeros(1, 3), torch.zeros(1, 2)), warmup=0, repeats=2, batch_size=4).batch_size
+        4
     """
     if repeats < 1 or warmup < 0 or num_threads < 1:
         raise ValueError(
             f"`repeats` must be >= 1, `warmup` >= 0 and `num_threads` >= 1, got {repeats}, {warmup}, {num_threads}."
         )
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    if batch_size is not None:
-        first = inputs[0]
-        reps = (batch_size + first.shape[0] - 1) // first.shape[0]
-        inputs = (first.repeat(reps, *([1] * (first.dim() - 1)))[:batch_size], *inputs[1:])
+    example = inputs.repeat_to(example_input, batch_size) if batch_size is not None else example_input
+    args, kwargs = inputs.call_args(example)
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     times = []
     try:
         with torch.inference_mode():
             for _ in range(warmup):
-                model(*inputs)
+                model(*args, **kwargs)
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(*inputs)
+                model(*args, **kwargs)
                 times.append((time.perf_counter() - start) * 1e3)
     finally:
         torch.set_num_threads(previous)
@@ -172,14 +185,14 @@ def measure_latency(
         spread_ms=quartiles[2] - quartiles[0],
         min_ms=min(times),
         repeats=repeats,
-        batch_size=int(inputs[0].shape[0]),
+        batch_size=inputs.batch_size(example),
         num_threads=num_threads,
     )
 
 
 def measure_model(
     model: nn.Module,
-    example_input: torch.Tensor | tuple,
+    example_input: inputs.Example,
     latency: bool = True,
     warmup: int = 5,
     repeats: int = 30,
@@ -187,6 +200,15 @@ def measure_model(
     batch_size: int | None = None,
 ) -> dict[str, float]:
     """All figures of a model at once, measured in eval mode on the CPU (train/eval modes are restored afterwards).
+
+    Args:
+        model: The model.
+        example_input: One tensor, a tuple of positional tensors or a dict of keyword tensors (moved to the CPU).
+        latency: Whether to time the model.
+        warmup: Untimed runs before timing.
+        repeats: Timed runs.
+        num_threads: Torch threads while timing.
+        batch_size: Rows of the timed input (every batched input tiled, see :func:`measure_latency`).
 
     Returns:
         ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops`` and,
@@ -198,9 +220,7 @@ def measure_model(
         (10, 16)
     """
     with _measurable(model) as probe:
-        inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-        inputs = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
-        return _measure(probe, inputs, latency, warmup, repeats, num_threads, batch_size)
+        return _measure(probe, inputs.to_cpu(example_input), latency, warmup, repeats, num_threads, batch_size)
 
 
 @contextlib.contextmanager
@@ -226,7 +246,7 @@ def _measurable(model: nn.Module) -> Iterator[nn.Module]:
 
 def _measure(
     probe: nn.Module,
-    inputs: tuple,
+    example: inputs.Example,
     latency: bool,
     warmup: int,
     repeats: int,
@@ -241,10 +261,10 @@ def _measure(
         "sparsity": 1.0 - nonzero / params if params else 0.0,
         "size_bytes": saved_size_bytes(probe),
         "size_bytes_compressed": saved_size_bytes(probe, compressed=True),
-        "flops": count_flops(probe, inputs),
+        "flops": count_flops(probe, example),
     }
     if latency:
-        result = measure_latency(probe, inputs, warmup, repeats, num_threads, batch_size)
+        result = measure_latency(probe, example, warmup, repeats, num_threads, batch_size)
         figures["latency_ms"] = result.median_ms
         figures["latency_spread_ms"] = result.spread_ms
     return figures

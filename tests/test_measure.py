@@ -71,3 +71,40 @@ def test_measure_model_does_not_copy_a_lightning_module_with_its_trainer():
     assert model.training
     assert model.backbone.training
     assert not model.teacher_like.training
+
+
+class _TwoInputs(nn.Module):
+    """ids (int64) + a float mask: an embedding, masked, then a linear head; fails on float ids or mismatched rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 4)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids) * attention_mask.unsqueeze(-1))
+
+
+def test_flops_of_tuple_and_dict_inputs_keep_integer_ids():
+    ids, mask = torch.randint(0, 20, (2, 5)), torch.ones(2, 5)
+    # only the head counts: 2 * (2 * 5 tokens) * 4 * 3
+    assert count_flops(_TwoInputs(), (ids, mask)) == 2 * 10 * 4 * 3
+    assert count_flops(_TwoInputs(), {"input_ids": ids, "attention_mask": mask}) == 2 * 10 * 4 * 3
+
+
+def test_latency_batch_size_tiles_every_input():
+    ids, mask = torch.randint(0, 20, (1, 5)), torch.ones(1, 5)
+    seen: list[tuple[int, int]] = []
+    model = _TwoInputs()
+    model.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0], args[1].shape[0])))
+    result = measure_latency(model, (ids, mask), warmup=0, repeats=2, batch_size=8)
+    assert result.batch_size == 8
+    assert seen == [(8, 8), (8, 8)]
+
+
+def test_measure_model_on_a_dict_example():
+    example = {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.ones(2, 5)}
+    figures = measure_model(_TwoInputs(), example, latency=True, warmup=0, repeats=2, batch_size=4)
+    assert figures["params"] == 20 * 4 + 4 * 3
+    assert figures["flops"] == 2 * 10 * 4 * 3
+    assert figures["latency_ms"] > 0

@@ -94,3 +94,51 @@ def test_markdown_table_shape():
 def test_report_rejects_non_positive_settings(name):
     with pytest.raises(ValueError, match=f"`{name}` must be >= 1, got 0"):
         CompressionReport(**{name: 0})
+
+
+class _Tokens(pl.LightningModule):
+    """A two-input sequence classifier with a tuple `example_input_array` of int64 ids and a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(30, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.example_input_array = (torch.randint(0, 30, (1, 6)), torch.ones(1, 6, dtype=torch.long))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) * mask.unsqueeze(-1)
+        return self.head(h.sum(1) / mask.sum(1, keepdim=True))
+
+    def training_step(self, batch, batch_idx):
+        (ids, mask), y = batch
+        return torch.nn.functional.cross_entropy(self(ids, mask), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_report_measures_a_model_with_tuple_inputs_and_integer_ids(tmp_path):
+    from torch.utils.data import DataLoader
+
+    ids, mask, y = torch.randint(0, 30, (8, 6)), torch.ones(8, 6, dtype=torch.long), torch.randint(0, 2, (8,))
+    loader = DataLoader(list(zip(zip(ids, mask), y)), batch_size=4)
+    report = CompressionReport(repeats=2, batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[report],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(_Tokens(), loader)
+    final = report.stages["final"]
+    assert final["params"] == 30 * 8 + 8 * 2 + 2
+    assert final["flops"] == 2 * 8 * 2  # the head on one row; the embedding lookup is no FLOP
+    assert final["latency_ms"] > 0
+
+
+def test_report_without_an_example_refuses_with_a_hint():
+    with pytest.raises(ValueError, match="needs an example input.*HINT: set `self.example_input_array`"):
+        CompressionReport().measure(torch.nn.Linear(2, 2), None)

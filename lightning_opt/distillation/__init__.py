@@ -12,6 +12,7 @@ from lightning_opt.distillation.losses import (
     feature_loss,
     hinton_loss,
     kd_loss,
+    token_logits,
 )
 from lightning_opt.distillation.module import DistillationModule
 
@@ -26,4 +27,5 @@ __all__ = [
     "feature_loss",
     "hinton_loss",
     "kd_loss",
+    "token_logits",
 ]

@@ -40,9 +40,13 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             "(recipes/distillation/teacher_digits.yaml writes one) and pass the path of its .ckpt file."
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data, never code to run (a pickled object could execute anything on load)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"`teacher_checkpoint`={path!r} is not a readable PyTorch checkpoint: {err}") from err
+        raise ValueError(
+            f"`teacher_checkpoint`={path!r} is not a readable PyTorch checkpoint of tensors and plain values "
+            f"(loaded with weights_only=True): {err}"
+        ) from err
     if not isinstance(ckpt, dict):
         raise ValueError(f"`teacher_checkpoint`={path!r} holds a {type(ckpt).__name__}, expected a checkpoint dict.")
     return ckpt
@@ -119,7 +123,7 @@ def load_teacher(teacher: nn.Module | None, teacher_class: str | None, teacher_c
             "HINT: pass the module itself as `teacher` (class_path/init_args in YAML) plus `teacher_checkpoint`."
         )
     try:
-        return cls.load_from_checkpoint(teacher_checkpoint, map_location="cpu", weights_only=False)
+        return cls.load_from_checkpoint(teacher_checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
             f"`teacher_checkpoint`={teacher_checkpoint!r} is incompatible with `teacher_class`={teacher_class!r}: "

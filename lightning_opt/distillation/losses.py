@@ -10,6 +10,8 @@ Conventions:
   ``alpha = 0`` is plain supervised training, ``alpha = 1`` uses the teacher alone.
 * The soft term is Hinton et al. (2015): ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over
   the batch. The ``T^2`` factor keeps its gradient magnitude comparable with the hard term when ``T`` changes.
+* Sequence models (next-token logits ``(B, L, V)``) are distilled per token: :func:`token_logits` flattens them to
+  ``(B * L, V)`` (and their targets to ``(B * L,)``) so that the soft loss runs over the vocabulary, the last dim.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "feature_loss",
     "hinton_loss",
     "kd_loss",
+    "token_logits",
 ]
 
 
@@ -70,6 +73,35 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
             f"student and teacher logits must have the same shape, got student {tuple(student_logits.shape)} and "
             f"teacher {tuple(teacher_logits.shape)}. HINT: both models must predict the same classes."
         )
+
+
+def token_logits(logits: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-token view of sequence logits: ``(B, L, V)`` -> ``(B * L, V)`` and the target ``(B, L)`` -> ``(B * L,)``.
+
+    Classifier logits ``(N, C)`` are returned as they are; a target with more dimensions than one whose size is the
+    number of rows (a model that already flattens its tokens to ``(B * L, V)``, like Lightning's demo Transformer)
+    is flattened to match.
+
+    Args:
+        logits: ``(N, C)`` classifier or ``(B, L, V)`` next-token logits.
+        target: the matching class indices, or None.
+
+    Returns:
+        ``(logits, target)`` with the classes (the vocabulary) along dim 1 and one row per token.
+
+    Example:
+        >>> logits, target = token_logits(torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long))
+        >>> tuple(logits.shape), tuple(target.shape)
+        ((10, 7), (10,))
+        >>> tuple(token_logits(torch.zeros(10, 7), torch.zeros(2, 5, dtype=torch.long))[1].shape)
+        (10,)
+    """
+    if logits.dim() == 3:
+        logits = logits.reshape(-1, logits.shape[-1])
+        target = None if target is None else target.reshape(-1)
+    elif target is not None and logits.dim() == 2 and target.dim() > 1 and target.numel() == logits.shape[0]:
+        target = target.reshape(-1)
+    return logits, target
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:

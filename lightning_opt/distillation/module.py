@@ -16,6 +16,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_opt import inputs
 from lightning_opt.data import UNLABELED
 from lightning_opt.distillation._teacher import freeze, load_teacher
 from lightning_opt.distillation.losses import (
@@ -24,6 +25,7 @@ from lightning_opt.distillation.losses import (
     check_alpha,
     check_temperature,
     kd_loss,
+    token_logits,
 )
 from lightning_opt.module import labeled_cross_entropy
 from lightning_opt.schedules import Schedule
@@ -81,11 +83,16 @@ class DistillationModule(LightningModule):
     ``StudentClass.load_from_checkpoint`` and, with the ``student.yaml`` the callback writes beside it, by
     ``lightning-opt export``. A teacher passed as a Python object is not recorded: pass it again when rebuilding.
 
-    Batches are ``(x, y)`` or ``(x, y, index)``. Samples labelled -1 (the unlabelled *transfer set* of a
-    datamodule's ``labeled_size``) get the soft (and feature) loss only: the hard loss averages over the labelled
-    samples (zero in a batch without any), ``train/acc`` and ``train/teacher_acc`` count labelled samples only. The
-    index (``return_index=True`` on the project's datamodules) is
-    needed only for ``cache_teacher_outputs``. The student's ``forward(x)`` must return logits ``(N, C)``.
+    Batches are ``(inputs, y)``, ``(inputs, y, index)`` or a dict (``{"input_ids": ..., "attention_mask": ...,
+    "labels": ...}``), read with :mod:`lightning_opt.inputs`: ``inputs`` is a tensor (``student(x)``), a tuple of
+    positional tensors (``student(input_ids, attention_mask)``) or a dict of keyword tensors, with their real dtypes;
+    ``student.example_input_array`` may take any of these forms too. Samples labelled -1 (the unlabelled *transfer
+    set* of a datamodule's ``labeled_size``) get the soft (and feature) loss only: the hard loss averages over the
+    labelled samples (zero in a batch without any), ``train/acc`` and ``train/teacher_acc`` count labelled samples
+    only. The index (``return_index=True`` on the project's datamodules) is needed only for
+    ``cache_teacher_outputs``. The student's ``forward`` returns logits: ``(N, C)`` for a classifier, or next-token
+    logits ``(B, L, V)`` with targets ``(B, L)`` for a language model, distilled per token over the vocabulary
+    (:func:`~lightning_opt.distillation.losses.token_logits`).
 
     Args:
         student: The LightningModule to train (its ``forward`` returns logits).
@@ -171,9 +178,10 @@ class DistillationModule(LightningModule):
         self._cache: Tensor | None = None
         self._cached: Tensor | None = None
         self._total_steps: float = math.inf
-        self.example_input_array = getattr(student, "example_input_array", None)
-        if self.example_input_array is not None:
-            self._probe(self.example_input_array)
+        example = getattr(student, "example_input_array", None)
+        if inputs.is_example(example):  # a tensor, a tuple of positional inputs or a dict of keyword inputs
+            self.example_input_array = example
+            self._probe(example)
 
     def _fix_student_hparams(self) -> None:
         """Give a student built from YAML its own hyperparameters.
@@ -219,11 +227,11 @@ class DistillationModule(LightningModule):
             self._teacher.to(*args, **kwargs)
         return out  # type: ignore[return-value]
 
-    def _teacher_forward(self, x: Tensor) -> Tensor:
+    def _teacher_forward(self, x: Any) -> Tensor:
         if self._teacher.training:
             self._teacher.eval()
         with torch.no_grad():
-            return self._teacher(x)
+            return inputs.call(self._teacher, x)
 
     @contextlib.contextmanager
     def _capture(self) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
@@ -250,22 +258,23 @@ class DistillationModule(LightningModule):
             for h in handles:
                 h.remove()
 
-    def _probe(self, x: Tensor) -> None:
-        """Dry forward of both models on ``x`` (eval mode, no grad): checks shapes, builds feature adapters."""
+    def _probe(self, x: Any) -> None:
+        """Dry forward of both models on the example ``x`` (eval mode, no grad): checks shapes, builds adapters."""
         if self._probed:
             return
         was_training = self.student.training
         self.student.eval()
         try:
             with torch.no_grad(), self._capture() as (s_feats, t_feats):
-                s_out = self.student(x)
+                s_out = inputs.call(self.student, x)
                 t_out = self._teacher_forward(x)
         finally:
             self.student.train(was_training)
         if not isinstance(s_out, Tensor) or not isinstance(t_out, Tensor):
             raise ValueError(
-                f"student and teacher must return a logits tensor from forward(x), got {type(s_out).__name__} and "
-                f"{type(t_out).__name__}."
+                f"student and teacher must return a logits tensor from forward, got {type(s_out).__name__} and "
+                f"{type(t_out).__name__} on an input ({inputs.describe(x)}). HINT: return `output.logits` from a "
+                "Hugging Face model's forward."
             )
         if s_out.shape != t_out.shape:
             raise ValueError(
@@ -300,8 +309,10 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.student(x, *args, **kwargs)
+    def forward(self, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # A named first input (not a bare `*args`) keeps `torch.export`'s per-argument dynamic shapes working when the
+        # module is exported whole; keyword-only students (`student(**{"input_ids": ...})`) get `x=None`.
+        return self.student(*args, **kwargs) if x is None else self.student(x, *args, **kwargs)
 
     @override
     def setup(self, stage: str) -> None:
@@ -328,13 +339,13 @@ class DistillationModule(LightningModule):
                     f"augment_shift={shift}. HINT: set augment_shift=0 or turn the cache off."
                 )
 
-    def _example_batch_input(self) -> Tensor | None:
+    def _example_batch_input(self) -> Any:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return None
         with contextlib.suppress(Exception):
-            batch = next(iter(dm.train_dataloader()))
-            return self._unpack(batch)[0][:2]
+            example = inputs.module_example(self.student, dm.train_dataloader())
+            return None if example is None else inputs.first_rows(example, 2)
         return None
 
     @override
@@ -357,18 +368,7 @@ class DistillationModule(LightningModule):
     def configure_callbacks(self) -> Any:
         return self.student.configure_callbacks()
 
-    @staticmethod
-    def _unpack(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        if isinstance(batch, Mapping):
-            return batch["x"] if "x" in batch else batch["input"], batch.get("y"), batch.get("index")
-        if isinstance(batch, (list, tuple)):
-            x = batch[0]
-            y = batch[1] if len(batch) > 1 else None
-            idx = batch[2] if len(batch) > 2 else None
-            return x, y, idx
-        return batch, None, None
-
-    def _teacher_logits_cached(self, x: Tensor, idx: Tensor | None) -> Tensor:
+    def _teacher_logits_cached(self, x: Any, idx: Tensor | None) -> Tensor:
         if not self.cache_teacher_outputs:
             return self._teacher_forward(x)
         if idx is None:
@@ -376,7 +376,7 @@ class DistillationModule(LightningModule):
                 "`cache_teacher_outputs`=True needs batches (x, y, index). HINT: set `return_index: true` on the "
                 "datamodule (DigitsDataModule, MNIST5kDataModule, ...) or yield the sample index third."
             )
-        idx = idx.to(x.device).long()
+        idx = idx.to(inputs.flat_tensors(x)[0].device).long()
         needed = int(idx.max()) + 1
         if self._cache is not None and self._cached is not None and needed <= self._cache.shape[0]:
             hit = self._cached[idx]
@@ -396,23 +396,29 @@ class DistillationModule(LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, idx = self._unpack(batch)
+        x, y, idx = inputs.batch_inputs(batch), inputs.batch_target(batch), inputs.batch_index(batch)
         if y is None:
-            raise ValueError("DistillationModule needs labelled batches (x, y) or (x, y, index) for the hard loss.")
+            raise ValueError(
+                "DistillationModule needs labelled batches for the hard loss: (inputs, y), (inputs, y, index) or a "
+                f"dict with a 'labels' key, got a {type(batch).__name__} without a target."
+            )
         alpha, temperature = self.current_alpha(), self.current_temperature()
         use_cache = self.cache_teacher_outputs and not self.feature_layers
         with self._capture() as (s_feats, t_feats):
-            s_logits = self.student(x)
+            s_logits = inputs.call(self.student, x)
             t_logits = self._teacher_logits_cached(x, idx) if use_cache else self._teacher_forward(x)
         if s_logits.shape != t_logits.shape:
             raise ValueError(
                 f"teacher and student outputs differ in shape: student {tuple(s_logits.shape)}, teacher "
                 f"{tuple(t_logits.shape)}. HINT: both must predict the same classes."
             )
+        s_logits, flat_y = token_logits(s_logits, y)  # next-token logits (B, L, V): one row per token
+        t_logits, _ = token_logits(t_logits)
+        y = flat_y if flat_y is not None else y
         hard = labeled_cross_entropy(s_logits, y)  # labelled samples only (-1: the unlabelled transfer set)
         soft = kd_loss(s_logits, t_logits, temperature)  # every sample
         loss = alpha * soft + (1.0 - alpha) * hard
-        n = x.shape[0]
+        n = inputs.batch_size(x)
         log = {"train/hard_loss": hard.detach(), "train/soft_loss": soft.detach()}
         if self.feature_loss is not None:
             feat = self.feature_loss(s_feats, t_feats)
@@ -444,18 +450,20 @@ class DistillationModule(LightningModule):
     def _log_teacher(self, batch: Any, prefix: str) -> None:
         if not self.log_teacher_metrics:
             return
-        x, y, _ = self._unpack(batch)
-        if not isinstance(x, Tensor):
-            return
+        x, y = inputs.batch_inputs(batch), inputs.batch_target(batch)
         with torch.no_grad():
-            s_logits = self.student(x)
+            s_logits = inputs.call(self.student, x)
             t_logits = self._teacher_forward(x)
-        if s_logits.shape != t_logits.shape or s_logits.ndim != 2:
+        if not isinstance(s_logits, Tensor) or not isinstance(t_logits, Tensor) or s_logits.shape != t_logits.shape:
+            return
+        s_logits, y = token_logits(s_logits, y)
+        t_logits, _ = token_logits(t_logits)
+        if s_logits.ndim != 2:
             return
         logs = {f"{prefix}/agreement": agreement(s_logits, t_logits)}
-        if y is not None:
+        if y is not None and y.shape == t_logits.shape[:1]:
             logs[f"{prefix}/teacher_acc"] = (t_logits.argmax(1) == y).float().mean()
-        self.log_dict(logs, batch_size=x.shape[0])
+        self.log_dict(logs, batch_size=inputs.batch_size(x))
 
     @override
     def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:

@@ -41,14 +41,14 @@ def main(argv: Sequence[str]) -> dict:
     trainer, model = cli.trainer, cli.model
     if not args.no_test:
         trainer.test(model, datamodule=cli.datamodule, ckpt_path=str(ckpt), verbose=False)
-        figures = report.measure(model, model.example_input_array)  # type: ignore[arg-type]
+        figures = report.measure(model, report.example(trainer, model))
         figures[report.test_metric] = report._metric(trainer, report.test_metric)
     else:
         import torch
 
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
         model.load_state_dict(checkpoint["state_dict"])
-        figures = report.measure(model, model.example_input_array)  # type: ignore[arg-type]
+        figures = report.measure(model, report.example(trainer, model))
     report.stages = {"checkpoint": figures}
     out = Path(args.output_dir or _default_output_dir(ckpt))
     report.write(output_dir=out)

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_opt import inputs
 from lightning_opt._utils import local_log_dir
 from lightning_opt.measure import measure_model
 
@@ -85,6 +86,11 @@ class CompressionReport(Callback):
     Other callbacks add their own columns (an int8 artifact, a physically thinned model) with
     ``CompressionReport.find(trainer).add_stage(name, figures)``.
 
+    The model is measured on its ``example_input_array`` in whatever form the model takes (a tensor, a tuple such as
+    ``(input_ids, attention_mask)``, a dict of keyword inputs), with its real dtypes; a model without one is measured
+    on the first row of the datamodule's first training batch. Every batched input is tiled to ``batch_size`` rows
+    for timing.
+
     Figures: ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops``,
     ``latency_ms``, ``latency_spread_ms`` and the metrics (``monitor``, ``test_metric``).
 
@@ -92,7 +98,7 @@ class CompressionReport(Callback):
         monitor: The validation metric recorded with each stage.
         test_metric: The test metric recorded after ``trainer.test``.
         latency: Whether to time the model (CPU, ``num_threads`` threads).
-        batch_size: Batch size of the timed input (``example_input_array`` repeated).
+        batch_size: Batch size of the timed input (every tensor of ``example_input_array`` tiled along dim 0).
         num_threads: Torch threads while timing.
         repeats: Timed forward passes; the median and interquartile range are reported.
         enabled: Whether to report at all (search trials turn it off to save time).
@@ -143,12 +149,22 @@ class CompressionReport(Callback):
         clean = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in figures.items()}
         self.stages.setdefault(name, {}).update(clean)
 
-    def measure(self, model: torch.nn.Module, example_input: torch.Tensor | None) -> dict[str, Any]:
-        """Measure ``model`` the way every stage is measured."""
-        if example_input is None:
+    def measure(self, model: torch.nn.Module, example_input: inputs.Example | None) -> dict[str, Any]:
+        """Measure ``model`` the way every stage is measured.
+
+        Args:
+            model: The model (measured in eval mode on the CPU).
+            example_input: A tensor, a tuple of positional tensors or a dict of keyword tensors.
+
+        Raises:
+            ValueError: If ``example_input`` holds no tensor.
+        """
+        if example_input is None or not inputs.is_example(example_input):
             raise ValueError(
-                "CompressionReport needs the model's `example_input_array` to count FLOPs and time it; set it in the"
-                " LightningModule's __init__ (e.g. `self.example_input_array = torch.zeros(1, 1, 8, 8)`)."
+                f"CompressionReport needs an example input to count FLOPs and time the model, got "
+                f"{type(example_input).__name__}. HINT: set `self.example_input_array` in the LightningModule's "
+                "__init__ (a tensor, a tuple `(input_ids, attention_mask)` or a dict of keyword inputs), or fit with a "
+                "datamodule so that the first training batch is used."
             )
         return measure_model(
             model,
@@ -158,6 +174,18 @@ class CompressionReport(Callback):
             num_threads=self.num_threads,
             batch_size=self.batch_size,
         )
+
+    @staticmethod
+    def example(trainer: pl.Trainer, pl_module: pl.LightningModule) -> inputs.Example | None:
+        """The input every stage is measured on: ``example_input_array``, else the first row of a training batch."""
+        example = inputs.module_example(pl_module)
+        if example is not None:
+            return example
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return None
+        example = inputs.module_example(pl_module, datamodule.train_dataloader())
+        return None if example is None else inputs.first_rows(example, 1)
 
     def _metric(self, trainer: pl.Trainer, key: str) -> float | None:
         value = trainer.callback_metrics.get(key)
@@ -178,13 +206,13 @@ class CompressionReport(Callback):
             return
         self.stages.pop("final", None)
         if "baseline" not in self.stages:  # a resumed run keeps the baseline of the run it resumes
-            self.add_stage("baseline", self.measure(pl_module, pl_module.example_input_array))  # type: ignore[arg-type]
+            self.add_stage("baseline", self.measure(pl_module, self.example(trainer, pl_module)))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled or trainer.global_rank != 0 or stage != "fit" or trainer.sanity_checking:
             return
-        figures = self.measure(pl_module, pl_module.example_input_array)  # type: ignore[arg-type]
+        figures = self.measure(pl_module, self.example(trainer, pl_module))
         figures[self.monitor] = self._metric(trainer, self.monitor)
         self.add_stage("final", figures)
         self.write(trainer)

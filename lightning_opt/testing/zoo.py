@@ -87,7 +87,7 @@ def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
 def _bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # num_labels: a PretrainedConfig keyword
         vocab_size=VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
