@@ -66,6 +66,7 @@ __all__ = [
     "save_artifact",
     "save_state",
     "select_layers",
+    "strip_qat",
     "validate_scheme",
 ]
 
@@ -315,6 +316,23 @@ def is_qat_prepared(model: nn.Module) -> bool:
     """Whether ``model`` holds torchao fake-quantized Linear/Embedding modules (after :func:`prepare_qat`)."""
     types = _fake_quant_types()
     return any(isinstance(m, types) for m in model.modules())
+
+
+def strip_qat(model: nn.Module) -> list[str]:
+    """Swap fake-quantized modules back to plain fp32 ``nn.Linear``/``nn.Embedding`` (same weights), in place.
+
+    The trained fp32 model of a QAT run: the reference an int8 model is compared against.
+
+    Returns:
+        The names of the swapped modules.
+    """
+    from torchao.quantization.qat import QATConfig
+
+    types = _fake_quant_types()
+    names = [name for name, m in model.named_modules() if isinstance(m, types)]
+    if names:
+        _apply(model, QATConfig(step="convert"), names)
+    return names
 
 
 def convert_qat(model: nn.Module, scheme: str = "int8_dynamic") -> list[str]:
