@@ -44,7 +44,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_opt import inputs
 from lightning_opt.measure import count_parameters, measure_latency
 from lightning_opt.quantization import _linear
 
@@ -73,7 +72,9 @@ def build_vit(half_heads: bool) -> nn.Module:
     if half_heads:
         head_dim = VIT["embed_dim"] // VIT["num_heads"]
         for block in model.blocks:
-            block.attn = Attention(VIT["embed_dim"], num_heads=VIT["num_heads"] // 2, attn_head_dim=head_dim, qkv_bias=True)
+            block.attn = Attention(
+                VIT["embed_dim"], num_heads=VIT["num_heads"] // 2, attn_head_dim=head_dim, qkv_bias=True
+            )
     return model.eval()
 
 
@@ -149,9 +150,11 @@ def build_route(route: str, model: nn.Module, kind: str, batch: int) -> Callable
     raise ValueError(f"`route` must be one of {list(ROUTES)}, got {route!r}.")
 
 
-def run(kind: str, threads: int, batches: list[int], routes: list[str], rounds: int, repeats: int) -> None:
+def run(
+    kind: str, threads: int, batches: list[int], routes: list[str], variants: list[str], rounds: int, repeats: int
+) -> None:
     torch.set_num_threads(threads)
-    for variant in ("full", "heads50"):
+    for variant in variants:
         model = build_vit(variant == "heads50") if kind == "vit" else build_gpt(variant == "heads50")
         name = f"{kind}-{variant}"
         print(f"\n## {name}: {count_parameters(model) / 1e6:.2f}M params, {threads} thread(s)", flush=True)
@@ -177,14 +180,18 @@ def run(kind: str, threads: int, batches: list[int], routes: list[str], rounds: 
             medians: dict[str, list[float]] = {r: [] for r in runners}
             for _ in range(rounds):  # interleaved: machine noise hits every route alike
                 for route, runner in runners.items():
-                    medians[route].append(measure_latency(runner, x, warmup=1, repeats=repeats, num_threads=threads).median_ms)
+                    medians[route].append(
+                        measure_latency(runner, x, warmup=1, repeats=repeats, num_threads=threads).median_ms
+                    )
             ms = {r: statistics.median(v) for r, v in medians.items()}
             base = ms.get("fp32")
             print(f"  batch {batch}: route, ms, x fp32 eager, x fp32 compiled, max |err| / max |fp32|")
             for route, value in ms.items():
                 vs_eager = f"{base / value:5.2f}x" if base else "  -  "
                 vs_comp = f"{ms['fp32_compiled'] / value:5.2f}x" if "fp32_compiled" in ms else "  -  "
-                print(f"    {name:12s} b{batch} {route:16s} {value:8.2f} ms  {vs_eager}  {vs_comp}  {errors[route]:.4f}")
+                print(
+                    f"    {name:12s} b{batch} {route:16s} {value:8.2f} ms  {vs_eager}  {vs_comp}  {errors[route]:.4f}"
+                )
 
 
 def main() -> None:
@@ -193,12 +200,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    parser.add_argument("--variants", nargs="+", default=["full", "heads50"], choices=("full", "heads50"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    run(args.model, args.threads, args.batch, args.routes, args.rounds, args.repeats)
+    run(args.model, args.threads, args.batch, args.routes, args.variants, args.rounds, args.repeats)
 
 
 if __name__ == "__main__":
