@@ -161,7 +161,7 @@ def run(
         for batch in batches:
             torch._dynamo.reset()
             x = example(kind, batch)
-            with torch.no_grad():
+            with torch.inference_mode():
                 reference = model(x)
             runners: dict[str, Any] = {}
             errors: dict[str, float] = {}
@@ -169,7 +169,7 @@ def run(
                 start = time.perf_counter()
                 try:
                     runner = build_route(route, model, kind, batch)
-                    with torch.no_grad():
+                    with torch.inference_mode():  # the mode measure_latency times in: no recompilation there
                         out = runner(x)  # compiles here
                 except Exception as err:  # a route that fails is reported, not fatal
                     print(f"  {route}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:160]}")
