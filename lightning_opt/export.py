@@ -7,6 +7,8 @@ checkpoint gets its fake-quant structure rebuilt first). Then:
   with ``--calibration_batches`` training batches (``--method`` forces one or the other). Saved with
   ``torch.export.save``; run with :class:`lightning_opt.quantization.CompiledInference` (inductor int8 kernels).
 - ``--format pt2 --quantize none``: the fp32 model as ``.pt2``.
+- ``--format pt2 --quantize int8_dynamic|int8_weight_only``: torchao ``quantize_`` on the Linear layers
+  (transformers; QAT checkpoints of those schemes too), see :mod:`lightning_opt.quantization._linear`.
 - ``--format onnx``: the fp32 model through ``torch.onnx.export(dynamo=True)``; with ``--quantize int8`` then
   onnxruntime ``quant_pre_process`` + ``quantize_static`` (QDQ, per channel), calibrated on training batches.
 
@@ -30,12 +32,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_opt.quantization import _artifact, _callback, _onnx, _pt2e
+from lightning_opt.quantization import _artifact, _callback, _linear, _linear_callback, _onnx, _pt2e
 
 __all__ = ["export_checkpoint", "main"]
 
 FORMATS = ("pt2", "onnx")
-QUANTIZE = ("int8", "none")
+QUANTIZE = ("int8", "none", *_linear.SCHEMES)
 METHODS = ("auto", "qat", "ptq")
 
 
@@ -44,6 +46,8 @@ def _validate(fmt: str, quantize: str, method: str, calibration_batches: int, ck
         raise ValueError(f"`format` must be one of {list(FORMATS)}, got {fmt!r}.")
     if quantize not in QUANTIZE:
         raise ValueError(f"`quantize` must be one of {list(QUANTIZE)}, got {quantize!r}.")
+    if quantize in _linear.SCHEMES and fmt != "pt2":
+        raise ValueError(f"`quantize` {quantize!r} writes a .pt2 only, got format {fmt!r}. HINT: use `--format pt2`.")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
     if calibration_batches < 1:
@@ -83,7 +87,9 @@ def export_checkpoint(
         config: recipe arguments for :func:`lightning_opt.cli.build_from_config` (``["--config", "r.yaml", ...]``).
         ckpt_path: the Lightning checkpoint; None exports the freshly initialised model (for smoke tests).
         format: ``"pt2"`` or ``"onnx"``.
-        quantize: ``"int8"`` or ``"none"``.
+        quantize: ``"int8"`` (pt2e static or ONNX Runtime static), ``"none"``, or a torchao ``quantize_`` scheme for
+            Linear-heavy models, ``"int8_dynamic"`` / ``"int8_weight_only"`` (``.pt2`` only; QAT checkpoints of
+            those schemes included).
         method: ``"auto"`` (QAT state if the checkpoint has it, else PTQ), ``"qat"`` or ``"ptq"``.
         module: attribute path quantized by PTQ (default ``backbone`` if present).
         calibration_batches: training batches for PTQ / ONNX static calibration.
@@ -102,6 +108,10 @@ def export_checkpoint(
 
     _validate(format, quantize, method, calibration_batches, ckpt_path)
     cli = build_from_config(config)
+    if quantize in _linear.SCHEMES:  # torchao quantize_ on the Linear layers (transformers): see _linear_callback
+        return _linear_callback.export_checkpoint(
+            cli.model, cli.datamodule, ckpt_path, quantize, module, output, compile, latency, num_threads, batch_size
+        )
     model: Any = cli.model
     datamodule = cli.datamodule
     specs = _load_checkpoint(model, ckpt_path) if ckpt_path else []

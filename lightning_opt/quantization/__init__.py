@@ -8,8 +8,12 @@ Public API:
 - :func:`prepare`, :func:`calibrate`, :func:`convert`, :func:`save_artifact`, :func:`load_artifact`,
   :class:`CompiledInference`: the pt2e steps as plain functions.
 - :func:`export_onnx`, :func:`quantize_onnx`, :class:`OnnxRuntimeModel`: the ONNX Runtime route.
+- :mod:`linear`: torchao ``quantize_`` schemes for Linear-heavy models (``linear.quantize(model, "int8_dynamic")``,
+  ``prepare_qat``/``convert_qat``, ``save_state``/``load_state``, ``save_artifact``/``load_artifact``, ``measure``);
+  the callbacks' ``scheme=`` option.
 """
 
+from lightning_opt.quantization import _linear as linear
 from lightning_opt.quantization._callback import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
@@ -41,6 +45,7 @@ __all__ = [
     "convert",
     "export_onnx",
     "layer_sqnr",
+    "linear",
     "load_artifact",
     "prepare",
     "quant_ranges",

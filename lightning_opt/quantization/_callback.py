@@ -16,7 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_opt._utils import local_log_dir
-from lightning_opt.quantization import _artifact, _pt2e
+from lightning_opt.quantization import _artifact, _linear_callback, _pt2e
 
 __all__ = ["PostTrainingQuantization", "QuantizationAwareTraining", "restore_quantized_structure"]
 
@@ -123,6 +123,7 @@ class _Int8Callback(Callback):
 
     stage_name = "int8"
     mode = "qat"
+    linear: _linear_callback.LinearStage | None = None  # the torchao quantize_ path (scheme != "pt2e_static")
 
     def __init__(
         self,
@@ -402,6 +403,9 @@ class QuantizationAwareTraining(_Int8Callback):
         num_threads: torch threads while timing.
         latency_batch_size: rows of the timed input; default the CompressionReport's batch size (or 1).
         log_every_n_val: log ranges and SQNR every n-th validation run (0 turns it off).
+        scheme: ``"pt2e_static"`` (this graph path, for CNNs), or a torchao ``quantize_`` scheme for Linear-heavy
+            models: ``"int8_dynamic"`` / ``"int8_weight_only"`` (fake-quantized ``nn.Linear``/``nn.Embedding`` from
+            the first step, converted at fit end; see :mod:`lightning_opt.quantization._linear`).
 
     Raises:
         ValueError: for an unsupported ``dtype`` or scheme, a bad ``start``/freeze point (negative, a fraction
@@ -437,6 +441,7 @@ class QuantizationAwareTraining(_Int8Callback):
         num_threads: int = 1,
         latency_batch_size: int | None = None,
         log_every_n_val: int = 1,
+        scheme: str = "pt2e_static",
     ) -> None:
         super().__init__(
             module,
@@ -470,10 +475,16 @@ class QuantizationAwareTraining(_Int8Callback):
         self._masks: dict[str, torch.Tensor] = {}
         self._val_batch: torch.Tensor | None = None
         self._val_runs = 0
+        self.scheme = scheme
+        self.linear = _linear_callback.stage_for(
+            self, scheme, start=(start, 0), freeze_observers=(freeze_observers, None), freeze_bn=(freeze_bn, None)
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.linear is not None:
+            return self.linear.setup(trainer, pl_module, stage)
         self._install_load_hook(pl_module)
         if stage == "fit":
             _check_order(trainer, self)
@@ -593,6 +604,10 @@ class QuantizationAwareTraining(_Int8Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.linear is not None:
+            self.linear.on_fit_end(trainer, pl_module)
+            self.results = self.linear.results
+            return
         graph = self.graph(pl_module)
         if not self.convert_on_fit_end or graph is None or trainer.global_rank != 0 or trainer.interrupted:
             return
@@ -642,6 +657,8 @@ class PostTrainingQuantization(_Int8Callback):
         latency: time it beside fp32.
         num_threads: torch threads while timing.
         latency_batch_size: rows of the timed input.
+        scheme: ``"pt2e_static"`` (calibrated static graph), or ``"int8_dynamic"`` / ``"int8_weight_only"``
+            (torchao ``quantize_`` on the Linear layers at fit end, no calibration).
 
     Raises:
         ValueError: for ``calibration_batches`` < 1, an unsupported dtype/scheme, a ``skip`` pattern matching
@@ -671,6 +688,7 @@ class PostTrainingQuantization(_Int8Callback):
         latency: bool = True,
         num_threads: int = 1,
         latency_batch_size: int | None = None,
+        scheme: str = "pt2e_static",
     ) -> None:
         if calibration_batches < 1:
             raise ValueError(f"`calibration_batches` must be >= 1, got {calibration_batches}.")
@@ -690,9 +708,13 @@ class PostTrainingQuantization(_Int8Callback):
             latency_batch_size,
         )
         self.calibration_batches = calibration_batches
+        self.scheme = scheme
+        self.linear = _linear_callback.stage_for(self, scheme, reduce_range=(reduce_range, False))
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.linear is not None:
+            return self.linear.setup(trainer, pl_module, stage)
         if stage == "fit":  # fail before training: skip patterns, module path, exportability
             example = _example_input(trainer, pl_module)
             self.spec = self.build_spec(pl_module, example)
@@ -704,6 +726,10 @@ class PostTrainingQuantization(_Int8Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.linear is not None:
+            self.linear.on_fit_end(trainer, pl_module)
+            self.results = self.linear.results
+            return
         if trainer.global_rank != 0 or trainer.interrupted or self.spec is None:
             return
         target = _pt2e.get_submodule(pl_module, self.spec.module)
