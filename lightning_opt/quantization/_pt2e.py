@@ -264,7 +264,7 @@ def _no_kv_cache(module: nn.Module) -> Iterator[None]:
     A key/value cache (``DynamicCache``) is an object for step-by-step generation that a graph cannot return; the
     logits do not depend on it. The captured graph therefore returns no cache; the config is restored afterwards.
     """
-    configs = []
+    configs: list[Any] = []
     for sub in module.modules():
         config = getattr(sub, "config", None)
         if getattr(config, "use_cache", False) is True and all(config is not c for c in configs):
@@ -355,7 +355,7 @@ def export_for_quantization(module: nn.Module, example: Any, module_path: str = 
         module.train(training)
         full = ".".join(p for p in (module_path, where) if p) or "<root>"
         raise QuantizationExportError(
-            f"Cannot quantize: `{full}` ({cls_name}) cannot be captured by torch.export(strict=True): {detail}. "
+            f"Cannot quantize: `{full}` ({cls_name}) cannot be captured by torch.export: {detail}. "
             f"HINT: quantize only an exportable part with `module=` (an attribute path such as 'backbone.features'), "
             f"keep layers in fp32 with `skip=['<regex>']`, or rewrite the failing op (data-dependent Python control "
             f"flow, .item(), numpy calls) in tensor ops."
