@@ -29,6 +29,9 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike[str]) ->
         example: one example input: a tensor, a tuple of positional tensors or a dict of keyword tensors.
         path: the ``.onnx`` file to write.
 
+    Raises:
+        QuantizationExportError: when ``torch.export`` cannot capture the model; names the submodule and the error.
+
     Example:
         >>> export_onnx(nn.Linear(4, 2), torch.zeros(1, 4), "/tmp/lin.onnx") > 0  # doctest: +SKIP
         True
@@ -37,6 +40,14 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike[str]) ->
     x = _pt2e._as_batch(example)
     args, kwargs = inputs.call_args(x)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        _pt2e.capture(model, x)  # the exporter's first step, with a readable failure naming the layer
+    except Exception as err:
+        where, cls_name, detail = _pt2e._locate_export_failure(model, x)
+        raise _pt2e.QuantizationExportError(
+            f"Cannot export to ONNX: `{where or '<root>'}` ({cls_name}) cannot be captured by torch.export: {detail}. "
+            "HINT: export an exportable part of the model (`module=`), or rewrite the failing op in tensor ops."
+        ) from err
     with torch.no_grad(), _pt2e._no_kv_cache(model):
         torch.onnx.export(
             model,

@@ -344,7 +344,13 @@ def test_zoo_ptq_and_onnx(tmp_path: Any, name: str) -> None:
     if ptq_refused is None:
         _check_artifact(tmp_path / "ptq.pt2", example, reference)
 
-    export_onnx(model, example, tmp_path / "fp32.onnx")
+    try:
+        export_onnx(model, example, tmp_path / "fp32.onnx")
+    except QuantizationExportError as err:  # refused with the layer named, before any ONNX file is written
+        message = str(err)
+        assert re.search(r"`[\w.<>]+`", message), message
+        assert "HINT" in message
+        pytest.skip(f"PTQ: {'refused' if ptq_refused else 'works'}; ONNX refused: {str(err)[:200]}")
     fp32 = OnnxRuntimeModel(tmp_path / "fp32.onnx")
     assert [i.name for i in fp32.session.get_inputs()] == inputs.input_names(example)[: len(fp32.input_names)]
     torch.testing.assert_close(_logits(inputs.call(fp32, example)), reference, atol=ONNX_FP32_ATOL, rtol=1e-3)
