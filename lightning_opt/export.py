@@ -32,6 +32,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lightning_opt import inputs
 from lightning_opt.quantization import _artifact, _callback, _linear, _linear_callback, _onnx, _pt2e
 
 __all__ = ["export_checkpoint", "main"]
@@ -119,9 +120,13 @@ def export_checkpoint(
     if datamodule is not None:
         datamodule.setup("fit")
 
-    example = model.example_input_array
-    if not isinstance(example, torch.Tensor):
-        example = _artifact.first_input(next(iter(datamodule.train_dataloader())))[:1]
+    example = inputs.module_example(model, datamodule.train_dataloader() if datamodule is not None else None)
+    if example is None:
+        raise ValueError(
+            "The model has no `example_input_array` and the recipe no datamodule to take an input from. HINT: set "
+            "`self.example_input_array` (a tensor, a tuple of positional tensors or a dict of keyword tensors)."
+        )
+    example = inputs.first_rows(example, 1)
     path = module if module is not None else (specs[0].module if specs else _pt2e.default_module_path(model))
     current = _pt2e.get_submodule(model, path)
     qat_graph = current if _pt2e.is_prepared(current) else None
@@ -154,7 +159,9 @@ def export_checkpoint(
                 if use_qat:
                     graph = cast(torch.fx.GraphModule, qat_graph)
                 else:
-                    spec = _pt2e.QuantSpec(module=path, input_shape=[1, *example.shape[1:]], mode="ptq")
+                    spec = _pt2e.QuantSpec.for_example(
+                        path, _callback.submodule_example(fp32_model, path, example), mode="ptq"
+                    )
                     graph = _callback.calibrate(eager, spec, datamodule.train_dataloader(), calibration_batches)
                 figures["method"] = "qat" if use_qat else "ptq"
                 converted = _pt2e.convert(graph)

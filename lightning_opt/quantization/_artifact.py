@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_opt import inputs
 from lightning_opt.measure import measure_latency
 from lightning_opt.quantization import _pt2e
 
@@ -42,58 +43,54 @@ def swapped(root: nn.Module, path: str, module: nn.Module) -> Iterator[nn.Module
         _pt2e.set_submodule(root, path, original)
 
 
-def _inputs_targets(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)):
-        target = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], target
-    if isinstance(batch, dict):
-        for key in ("x", "input", "inputs", "image", "images"):
-            if key in batch:
-                return batch[key], batch.get("y", batch.get("label", batch.get("target")))
-    raise TypeError(f"Cannot find the input tensor in a batch of type {type(batch).__name__}.")
-
-
-def first_input(batch: Any) -> torch.Tensor:
-    """The input tensor of a batch (``x`` of ``(x, y, ...)``, or the batch itself)."""
-    return _inputs_targets(batch)[0]
-
-
 def accuracy(model: nn.Module | Any, batches: Iterable[Any], fixed_batch: int | None = None) -> float:
-    """Top-1 accuracy of ``model`` over labelled batches.
+    """Top-1 accuracy of ``model`` over labelled batches (per row, or per token for sequence outputs).
 
     Args:
-        model: a module or callable returning logits.
-        batches: an iterable of ``(x, y, ...)`` batches (a test dataloader).
-        fixed_batch: pad every batch to this many rows (repeating the last row) so a shape-specialized compiled
-            model sees a single shape; the padded rows are discarded.
+        model: a module or callable returning logits (``(N, C)``, ``(N, T, C)`` or ``(N * T, C)``).
+        batches: labelled dataloader batches (see :func:`lightning_opt.inputs.batch_inputs`/``batch_target``).
+        fixed_batch: pad every batch to this many rows (repeating real rows) so a shape-specialized compiled model
+            sees a single shape; the padded rows are discarded.
+
+    Raises:
+        ValueError: when a batch has no target.
     """
     correct = total = 0
     with torch.no_grad():
         for batch in batches:
-            x, y = _inputs_targets(batch)
+            x, y = inputs.batch_inputs(batch), inputs.batch_target(batch)
             if y is None:
-                raise ValueError("accuracy needs labelled batches (x, y).")
-            n = x.shape[0]
+                raise ValueError("accuracy needs labelled batches (inputs and a target).")
+            n = inputs.batch_size(x)
             if fixed_batch is not None and n < fixed_batch:
-                x = torch.cat([x, x[-1:].expand(fixed_batch - n, *x.shape[1:])], dim=0)
-            logits = model(x)[:n]
-            correct += int((logits.argmax(-1) == y).sum())
-            total += n
+                x = inputs.repeat_to(x, fixed_batch)
+            logits = _logits(inputs.call(model, x))
+            logits = logits.reshape(-1, logits.shape[-1])[: y.numel()]  # rows beyond the real ones are padding
+            correct += int((logits.argmax(-1) == y.reshape(-1)).sum())
+            total += y.numel()
     return correct / max(total, 1)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, an output object's ``logits``, or the first item of a tuple."""
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = out.get("logits", next(iter(out.values())))
+    return out
 
 
 def _batch_size_of(batches: Iterable[Any]) -> int | None:
     for batch in batches:
-        return int(first_input(batch).shape[0])
+        return inputs.batch_size(inputs.batch_inputs(batch))
     return None
 
 
 def measure_artifact(
     artifact: nn.Module,
     reference: nn.Module | None,
-    example: torch.Tensor,
+    example: Any,
     test_batches: Iterable[Any] | None,
     compile: bool = True,
     latency: bool = True,
@@ -106,7 +103,7 @@ def measure_artifact(
     Args:
         artifact: the int8 model (loaded back from the saved file).
         reference: the fp32 eager model with the same weights, or None.
-        example: one example input (repeated to ``batch_size`` for timing).
+        example: one example input (its first row repeated to ``batch_size`` for timing; any input form).
         test_batches: a labelled test dataloader, or None to skip accuracy.
         compile: run the artifact through inductor (int8 kernels) as a deployment would.
         latency: time both models.
@@ -126,19 +123,24 @@ def measure_artifact(
         if reference is not None:
             figures["fp32_test/acc"] = accuracy(reference.eval(), test_batches)
     if latency:
-        timed = example[:1].repeat(batch_size, *([1] * (example.dim() - 1)))
+        timed = inputs.repeat_to(inputs.first_rows(example, 1), batch_size)
         int8_runs, fp32_runs = [], []
         rounds = 3 if reference is not None else 1
+        reps = max(repeats // rounds, 1)
+        first = inputs.flat_tensors(timed)[0]  # measure_latency reads the batch size from it
+
+        def run_int8(_: torch.Tensor) -> Any:
+            return inputs.call(runner, timed)
+
+        def run_fp32(_: torch.Tensor) -> Any:
+            assert reference is not None
+            return inputs.call(reference, timed)
+
         for _ in range(rounds):  # interleave so machine noise hits both alike
-            int8_runs.append(
-                measure_latency(runner, timed, warmup=3, repeats=max(repeats // rounds, 1), num_threads=num_threads)
-            )
+            int8_runs.append(measure_latency(run_int8, first, warmup=3, repeats=reps, num_threads=num_threads))
             if reference is not None:
-                fp32_runs.append(
-                    measure_latency(
-                        reference.eval(), timed, warmup=2, repeats=max(repeats // rounds, 1), num_threads=num_threads
-                    )
-                )
+                reference.eval()
+                fp32_runs.append(measure_latency(run_fp32, first, warmup=2, repeats=reps, num_threads=num_threads))
         figures["latency_ms"] = float(sorted(r.median_ms for r in int8_runs)[len(int8_runs) // 2])
         figures["latency_spread_ms"] = float(sorted(r.spread_ms for r in int8_runs)[len(int8_runs) // 2])
         if fp32_runs:
@@ -149,7 +151,7 @@ def measure_artifact(
     return figures
 
 
-def save_and_reload(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> tuple[nn.Module, int]:
+def save_and_reload(model: nn.Module, example: Any, path: str | os.PathLike[str]) -> tuple[nn.Module, int]:
     """Save ``model`` as a ``.pt2`` and load it back from disk (what a deployment gets); returns (model, bytes)."""
     size = _pt2e.save_artifact(model, example, path)
     return _pt2e.load_artifact(path), size

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_opt import inputs
 from lightning_opt._utils import local_log_dir
 from lightning_opt.quantization import _artifact, _linear_callback, _pt2e
 
@@ -51,19 +52,67 @@ def _resolve_point(value: int | float | None, total: float) -> int | None:
     return int(value)
 
 
-def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-    example = pl_module.example_input_array
-    if isinstance(example, (tuple, list)):
-        example = example[0] if example else None
-    if isinstance(example, torch.Tensor):
-        return example.detach().cpu()
-    datamodule = trainer.datamodule  # type: ignore[attr-defined]
-    if datamodule is not None:
-        return _artifact.first_input(next(iter(datamodule.train_dataloader()))).detach().cpu()[:1]
-    raise ValueError(
-        "Quantization needs an example input to export the model: set `example_input_array` in the LightningModule "
-        "(e.g. `self.example_input_array = torch.zeros(1, 1, 8, 8)`) or train from a LightningDataModule."
-    )
+def _train_batches(trainer: pl.Trainer) -> Any:
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule.train_dataloader() if datamodule is not None else None
+
+
+def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The root's example input: ``example_input_array`` (any form), else the first training batch's real inputs."""
+    example = inputs.module_example(pl_module, _train_batches(trainer))
+    if example is None:
+        raise ValueError(
+            "Quantization needs an example input to export the model: set `example_input_array` in the LightningModule "
+            "(a tensor, a tuple of positional tensors or a dict of keyword tensors, e.g. "
+            "`self.example_input_array = (input_ids, attention_mask)`) or train from a LightningDataModule."
+        )
+    return example
+
+
+def submodule_example(root: nn.Module, path: str, example: Any) -> Any:
+    """The inputs the submodule at ``path`` really receives when ``root`` runs on ``example`` (eval mode, no grad).
+
+    Args:
+        root: the model.
+        path: attribute path of the submodule (``""``: the root, whose example is ``example`` itself).
+        example: the root's example input.
+
+    Raises:
+        ValueError: when the submodule is not called, or is called with positional and keyword tensors at once.
+    """
+    if not path:
+        return example
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not seen:
+            seen.append((args, kwargs))
+
+    modes = {m: m.training for m in root.modules()}
+    handle = _pt2e.get_submodule(root, path).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        root.eval()
+        with torch.no_grad():
+            inputs.call(root, example)
+    finally:
+        handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if not seen:
+        raise ValueError(
+            f"`module` {path!r} is not called when the model runs on its example input. HINT: name the submodule "
+            "that `forward` calls, e.g. 'backbone'."
+        )
+    args, kwargs = seen[0]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if args and kwargs:
+        raise ValueError(
+            f"`module` {path!r} is called with positional and keyword inputs at once ({len(args)} positional, "
+            f"keywords {sorted(kwargs)}); quantization captures one form. HINT: call it with keywords only."
+        )
+    if kwargs:
+        return inputs.to_cpu(kwargs)
+    return inputs.to_cpu(args[0] if len(args) == 1 else tuple(args))
 
 
 def _spec_from_checkpoint(checkpoint: dict[str, Any]) -> list[_pt2e.QuantSpec]:
@@ -73,7 +122,7 @@ def _spec_from_checkpoint(checkpoint: dict[str, Any]) -> list[_pt2e.QuantSpec]:
     return [_pt2e.QuantSpec.from_dict(s) for s in raw.get("specs", [])]
 
 
-def _prepare_at(root: nn.Module, spec: _pt2e.QuantSpec, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
+def _prepare_at(root: nn.Module, spec: _pt2e.QuantSpec, example: Any = None) -> torch.fx.GraphModule:
     eager = _pt2e.get_submodule(root, spec.module)
     graph = _pt2e.prepare(eager, spec, example)
     _artifact.remember_eager(graph, eager)
@@ -166,6 +215,7 @@ class _Int8Callback(Callback):
         self.num_threads = num_threads
         self.latency_batch_size = latency_batch_size
         self.spec: _pt2e.QuantSpec | None = None
+        self._root_example: Any = None
         self.results: dict[str, Any] = {}
         self._hooked: set[int] = set()
 
@@ -187,21 +237,21 @@ class _Int8Callback(Callback):
             ) from err
         return path
 
-    def build_spec(self, pl_module: nn.Module, example: torch.Tensor) -> _pt2e.QuantSpec:
-        """Validate the configuration against the model and freeze it into a :class:`QuantSpec`."""
+    def build_spec(self, pl_module: nn.Module, example: Any) -> _pt2e.QuantSpec:
+        """Validate the configuration against the model and freeze it into a :class:`QuantSpec`.
+
+        Args:
+            pl_module: the root model.
+            example: the root's example input; the spec records what the quantized submodule receives from it.
+        """
         path = self.module_path(pl_module)
         target = _pt2e.get_submodule(pl_module, path)
-        skip = self.skip
-        if skip:
-            skip = (
-                _pt2e.spec_of(target).skip
-                if _pt2e.is_prepared(target)
-                else _pt2e.resolve_skip_patterns(target, self.skip)
-            )
-        return _pt2e.QuantSpec(
-            module=path,
-            input_shape=[1, *example.shape[1:]],
-            input_dtype=str(example.dtype).removeprefix("torch."),
+        if _pt2e.is_prepared(target):
+            return _pt2e.spec_of(target)
+        skip = _pt2e.resolve_skip_patterns(target, self.skip) if self.skip else []
+        return _pt2e.QuantSpec.for_example(
+            path,
+            submodule_example(pl_module, path, example),
             mode=self.mode,
             skip=skip,
             dtype=self.dtype,
@@ -209,6 +259,45 @@ class _Int8Callback(Callback):
             activation_scheme=self.activation_scheme,
             reduce_range=self.reduce_range,
         )
+
+    def rehearse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: Any) -> None:
+        """Run what fit end will do on a copy of the submodule, before step 1, and refuse what would fail there.
+
+        Capture, prepare, a training-mode forward with fake quantization on (QAT), calibration on a real batch,
+        conversion, a forward of the int8 graph, the export of the whole model around it and, when there is a test
+        set, one evaluation batch. No ``torch.compile`` (it stays cheap). Nothing the model holds is changed.
+
+        Raises:
+            QuantizationExportError: naming the layer that fails (or turns non-finite) and the ``skip``/``module``
+                to use.
+        """
+        assert self.spec is not None
+        target = _pt2e.get_submodule(pl_module, self.spec.module)
+        if _pt2e.is_prepared(target):
+            return
+        batches = [inputs.batch_inputs(b) for _, b in zip(range(1), _train_batches(trainer) or [])]
+        if not batches:
+            batches = [self.spec.example_input()]
+        modes = {m: m.training for m in pl_module.modules()}
+        try:
+            converted = _pt2e.rehearse(target, self.spec, batches)
+            with _artifact.swapped(pl_module, self.spec.module, converted) as int8_model:
+                try:
+                    program = _pt2e.export_artifact(int8_model, example)
+                    with torch.no_grad():
+                        inputs.call(program.module(), example)
+                    test = self._test_batches(trainer)
+                    if test is not None:
+                        _artifact.accuracy(int8_model, [next(iter(test))])
+                except Exception as err:
+                    raise _pt2e.QuantizationExportError(
+                        f"Cannot quantize: the int8 model (`{self.spec.module or '<root>'}` converted) fails when "
+                        f"saved or evaluated as fit end will do: {_pt2e._first_line(err)}. HINT: quantize the "
+                        "network `forward` calls with `module=`, or keep the failing layers in fp32 with `skip=[...]`."
+                    ) from err
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
 
     def _install_load_hook(self, pl_module: pl.LightningModule) -> None:
         """Rebuild the quantized structure right before a checkpoint's weights are loaded into ``pl_module``."""
@@ -229,7 +318,7 @@ class _Int8Callback(Callback):
                     "The checkpoint holds a quantized whole model (`module=''`) but the model is fp32; "
                     "prepare it first (run `setup`) or quantize a submodule."
                 )
-            spec = callback.spec or callback.build_spec(module, module.example_input_array)  # type: ignore[arg-type]
+            spec = callback.spec or callback.build_spec(module, inputs.module_example(module))
             _prepare_at(module, spec)
             callback.spec = spec
 
@@ -242,14 +331,17 @@ class _Int8Callback(Callback):
         if _pt2e.is_prepared(current):
             self.spec = _pt2e.spec_of(current)
             return current  # type: ignore[return-value]
-        example = _example_input(trainer, pl_module)
-        self.spec = self.build_spec(pl_module, example)
         if not path:
             raise ValueError(
                 "`module=''` (the whole LightningModule) cannot be replaced by a graph inside Lightning. "
                 "HINT: quantize the network attribute the module calls in `forward`, e.g. `module='backbone'`."
             )
-        graph = _prepare_at(pl_module, self.spec, example)
+        example = _example_input(trainer, pl_module)
+        self.spec = self.build_spec(pl_module, example)
+        self._root_example = inputs.first_rows(example, 1)
+        if self.convert_on_fit_end:
+            self.rehearse(trainer, pl_module, example)
+        graph = _prepare_at(pl_module, self.spec)
         return graph
 
     def graph(self, pl_module: nn.Module) -> torch.fx.GraphModule | None:
@@ -267,7 +359,7 @@ class _Int8Callback(Callback):
         if self.spec is None or self.graph(pl_module) is None:
             return
         entry = checkpoint.setdefault(CHECKPOINT_KEY, {"specs": []})
-        if self.spec.to_dict() not in entry["specs"]:
+        if all(spec.get("module") != self.spec.module for spec in entry["specs"]):
             entry["specs"].append(self.spec.to_dict())
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +390,11 @@ class _Int8Callback(Callback):
                 "calibrating them on 4 training batches before conversion."
             )
             loader = trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]
-            _pt2e.observe(graph, [_artifact.first_input(b) for _, b in zip(range(4), loader)])
+            _pt2e.observe(graph, [inputs.batch_inputs(b) for _, b in zip(range(4), loader)])
         converted = _pt2e.convert(graph)
-        example = self.spec.example_input()
+        example = self._root_example if self._root_example is not None else inputs.module_example(pl_module)
+        if example is None:
+            example = self.spec.example_input()
         eager = _artifact.eager_of(graph)
         file = self._artifact_file(trainer)
         pl_module.eval()
@@ -473,7 +567,7 @@ class QuantizationAwareTraining(_Int8Callback):
         self.freeze_bn_step: int | None = None
         self._phase: tuple[bool, bool, bool] | None = None
         self._masks: dict[str, torch.Tensor] = {}
-        self._val_batch: torch.Tensor | None = None
+        self._val_batch: Any = None
         self._val_runs = 0
         self.scheme = scheme
         self.linear = _linear_callback.stage_for(
@@ -577,7 +671,7 @@ class QuantizationAwareTraining(_Int8Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
-            self._val_batch = _artifact.first_input(batch).detach()
+            self._val_batch = inputs.to_cpu(inputs.batch_inputs(batch))
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -715,14 +809,11 @@ class PostTrainingQuantization(_Int8Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.linear is not None:
             return self.linear.setup(trainer, pl_module, stage)
-        if stage == "fit":  # fail before training: skip patterns, module path, exportability
+        if stage == "fit":  # fail before training: skip patterns, module path, capture, convert, save
             example = _example_input(trainer, pl_module)
             self.spec = self.build_spec(pl_module, example)
-            target = _pt2e.get_submodule(pl_module, self.spec.module)
-            if not _pt2e.is_prepared(target):
-                training = target.training
-                _pt2e.export_for_quantization(target.eval(), example, self.spec.module)
-                target.train(training)
+            self._root_example = inputs.first_rows(example, 1)
+            self.rehearse(trainer, pl_module, example)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -755,7 +846,8 @@ def calibrate(module: nn.Module, spec: _pt2e.QuantSpec, batches: Any, num_batche
     Args:
         module: the trained fp32 module (left untouched; the graph shares its weights).
         spec: the quantization spec (``mode="ptq"``).
-        batches: an iterable of batches (a dataloader); inputs are ``batch[0]`` or the batch itself.
+        batches: an iterable of dataloader batches; their model inputs (:func:`lightning_opt.inputs.batch_inputs`)
+            are used with their real values and dtypes.
         num_batches: how many batches to calibrate on.
 
     Returns:
@@ -775,5 +867,5 @@ def calibrate(module: nn.Module, spec: _pt2e.QuantSpec, batches: Any, num_batche
         for i, batch in enumerate(batches):
             if i >= num_batches:
                 break
-            graph(_artifact.first_input(batch))
+            inputs.call(graph, inputs.batch_inputs(batch))
     return graph

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
+import operator
 import os
 import re
 import types
@@ -18,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+
+from lightning_opt import inputs
 
 SUPPORTED_DTYPES = ("int8",)
 SUPPORTED_WEIGHT_SCHEMES = ("per_channel_symmetric",)
@@ -26,7 +31,10 @@ SUPPORTED_ACTIVATION_SCHEMES = ("per_tensor_affine",)
 
 _META_KEY = "lightning_opt_quantization"
 _BN_TARGETS = (torch.ops.aten.batch_norm.default,)
-_DROPOUT_TARGETS = (torch.ops.aten.dropout.default,)
+_DROPOUT_TARGETS = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+_NATIVE_DROPOUT = torch.ops.aten.native_dropout.default
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_DROPOUT_P_KEY = "lightning_opt_dropout_p"
 _COMPUTE_TARGETS = (
     torch.ops.aten.conv1d.default,
     torch.ops.aten.conv2d.default,
@@ -45,18 +53,26 @@ class QuantSpec:
 
     Args:
         module: attribute path of the quantized submodule inside the root (``""`` is the root itself).
-        input_shape: shape of one example input (the batch dimension is exported as dynamic).
-        input_dtype: dtype name of the example input, e.g. ``"float32"``.
+        input_shape: shape of the first example tensor (informative; the batch dimension is exported as dynamic).
+        input_dtype: dtype name of the first example tensor, e.g. ``"float32"`` or ``"int64"``.
         mode: ``"qat"`` (fake-quant, trainable) or ``"ptq"`` (observers, calibration).
         skip: exact module names (relative to the quantized submodule) kept in fp32.
         dtype: quantized dtype.
         weight_scheme: weight quantization scheme.
         activation_scheme: activation quantization scheme.
         reduce_range: use 7-bit activations (for CPUs without VNNI whose int8 kernels may saturate).
+        example: the real example input (a tensor, a tuple of positional tensors or a dict of keyword tensors, one
+            row each, CPU), so that a checkpoint rebuilds the graph from the very inputs it was captured with.
+
+    Example:
+        >>> ids = torch.tensor([[5, 7, 9]])
+        >>> spec = QuantSpec.for_example("backbone", (ids, torch.ones_like(ids)))
+        >>> spec.input_shape, spec.input_dtype, spec.example_input()[0].tolist()
+        ([1, 3], 'int64', [[5, 7, 9]])
     """
 
     module: str
-    input_shape: list[int]
+    input_shape: list[int] | None = None
     input_dtype: str = "float32"
     mode: str = "qat"
     skip: list[str] = field(default_factory=list)
@@ -64,9 +80,23 @@ class QuantSpec:
     weight_scheme: str = "per_channel_symmetric"
     activation_scheme: str = "per_tensor_affine"
     reduce_range: bool = False
+    example: Any = None
+
+    @classmethod
+    def for_example(cls, module: str, example: Any, **kwargs: Any) -> QuantSpec:
+        """A spec that records the first row of ``example`` (its real values and dtypes)."""
+        stored = inputs.to_cpu(inputs.first_rows(example, 1))
+        first = inputs.flat_tensors(stored)[0]
+        return cls(
+            module=module,
+            input_shape=list(first.shape),
+            input_dtype=inputs.as_dtype_name(first),
+            example=stored,
+            **kwargs,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (for checkpoints and json)."""
+        """Plain-dict form (for checkpoints; ``example`` holds tensors, so use ``torch.save``, not json)."""
         return asdict(self)
 
     @classmethod
@@ -74,8 +104,21 @@ class QuantSpec:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
 
-    def example_input(self) -> torch.Tensor:
-        """A deterministic example input of the recorded shape and dtype."""
+    def example_input(self) -> Any:
+        """The recorded example input (a copy); specs of older checkpoints get a seeded float tensor of their shape.
+
+        Raises:
+            ValueError: when the spec records neither an example nor a floating-point shape (integer inputs such as
+                token ids are never made up).
+        """
+        if self.example is not None:
+            return inputs.map_tensors(self.example, lambda t: t.clone())
+        if self.input_shape is None or self.input_dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise ValueError(
+                f"The quantization spec of `{self.module or '<root>'}` records no example input (dtype "
+                f"{self.input_dtype}, shape {self.input_shape}): integer inputs cannot be made up. HINT: set "
+                "`example_input_array` on the LightningModule and run the callback again."
+            )
         gen = torch.Generator().manual_seed(0)
         return torch.randn(*self.input_shape, generator=gen).to(getattr(torch, self.input_dtype))
 
@@ -162,17 +205,77 @@ def resolve_skip_patterns(module: nn.Module, patterns: Sequence[str]) -> list[st
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _as_batch(example: torch.Tensor) -> torch.Tensor:
-    """Export specializes a batch of 1; give it 2 rows so the batch dimension stays dynamic."""
-    if example.dim() > 0 and example.shape[0] == 1:
-        return torch.cat([example, example], dim=0)
-    return example
+def _as_batch(example: Any) -> Any:
+    """Export specializes a batch of 1; give every batched tensor 2 rows so the batch dimension stays dynamic."""
+    try:
+        rows = inputs.batch_size(example)
+    except ValueError:
+        return example
+    return inputs.repeat_to(example, 2) if rows == 1 else example
 
 
-def _export(module: nn.Module, example: torch.Tensor, strict: bool = True) -> torch.export.ExportedProgram:
+def _dynamic_shapes(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A dynamic batch dimension (``Dim.AUTO``: kept dynamic where the model allows) on every batched tensor.
+
+    Given by parameter name of ``module.forward`` (so ``forward(self, *args, **kwargs)`` works too).
+    """
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: torch.export.Dim.AUTO} if value.dim() > 0 else None
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(spec(v) for v in value)
+        return None
+
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _export(module: nn.Module, example: Any, strict: bool = True) -> torch.export.ExportedProgram:
     example = _as_batch(example)
-    dynamic_shapes = ({0: torch.export.Dim.AUTO},) if example.dim() > 0 else None
-    return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes, strict=strict)
+    args, kwargs = inputs.call_args(example)
+    dynamic_shapes = _dynamic_shapes(module, args, kwargs)
+    return torch.export.export(module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+def capture(module: nn.Module, example: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` for quantization: strict first (reused modules keep their names), else non-strict.
+
+    Strict capture (TorchDynamo) is what the x86 quantizer's patterns are written for; models whose Python Dynamo
+    cannot trace (Hugging Face models' config checks, for example) are captured in non-strict mode, which runs the
+    Python eagerly and records the same aten ops.
+    """
+    with _no_kv_cache(module):
+        try:
+            return _export(module, example, strict=True)
+        except Exception:
+            return _export(module, example, strict=False)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(module: nn.Module) -> Iterator[None]:
+    """Capture Hugging Face models with ``config.use_cache = False``.
+
+    A key/value cache (``DynamicCache``) is an object for step-by-step generation that a graph cannot return; the
+    logits do not depend on it. The captured graph therefore returns no cache; the config is restored afterwards.
+    """
+    configs: list[Any] = []
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if getattr(config, "use_cache", False) is True and all(config is not c for c in configs):
+            configs.append(config)
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
 
 
 def _first_line(err: BaseException) -> str:
@@ -181,23 +284,23 @@ def _first_line(err: BaseException) -> str:
     return line[:300]
 
 
-def _locate_export_failure(module: nn.Module, example: torch.Tensor) -> tuple[str, str, str]:
+def _locate_export_failure(module: nn.Module, example: Any) -> tuple[str, str, str]:
     """Find the deepest submodule that fails to export on the inputs it really receives.
 
     Returns:
         (module path, class name, first line of the export error).
     """
-    inputs: dict[str, tuple[Any, ...]] = {}
+    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     handles = []
     for name, sub in module.named_modules():
 
-        def hook(_mod: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-            inputs.setdefault(_name, args)
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _name: str = name) -> None:
+            seen.setdefault(_name, (args, kwargs))
 
-        handles.append(sub.register_forward_pre_hook(hook))
+        handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            module(example)
+            inputs.call(module, example)
     except Exception as err:  # the eager forward itself fails: that is the clearest message
         return "", type(module).__name__, _first_line(err)
     finally:
@@ -205,11 +308,17 @@ def _locate_export_failure(module: nn.Module, example: torch.Tensor) -> tuple[st
             handle.remove()
 
     def fails(name: str) -> str | None:
-        args = inputs.get(name)
-        if args is None or not all(isinstance(a, torch.Tensor) for a in args):
+        if name not in seen:
+            return None
+        args, kwargs = seen[name]
+        if not all(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())):
             return None
         try:
-            torch.export.export(get_submodule(module, name), args, strict=True)
+            sub = get_submodule(module, name)
+            if name:
+                torch.export.export(sub, args, kwargs or None, strict=True)
+            else:
+                capture(sub, example)
         except Exception as err:
             return _first_line(err)
         return None
@@ -227,26 +336,26 @@ def _locate_export_failure(module: nn.Module, example: torch.Tensor) -> tuple[st
             return path, type(get_submodule(module, path)).__name__, error
 
 
-def export_for_quantization(module: nn.Module, example: torch.Tensor, module_path: str = "") -> torch.fx.GraphModule:
-    """``torch.export`` (strict) the module with a dynamic batch dimension and unlift it to a GraphModule.
+def export_for_quantization(module: nn.Module, example: Any, module_path: str = "") -> torch.fx.GraphModule:
+    """``torch.export`` the module with a dynamic batch dimension and unlift it to a GraphModule (see :func:`capture`).
 
     Args:
         module: the fp32 module, in the mode (train/eval) the graph should capture.
-        example: one example input.
+        example: one example input: a tensor, a tuple of positional tensors or a dict of keyword tensors.
         module_path: its name in the root model (used in error messages).
 
     Raises:
         QuantizationExportError: naming the submodule that cannot be exported and the op/error, with the fixes.
     """
     try:
-        return _export(module, example).module()
+        return capture(module, example).module()
     except Exception as err:
         training = module.training
         where, cls_name, detail = _locate_export_failure(module.eval(), _as_batch(example))
         module.train(training)
         full = ".".join(p for p in (module_path, where) if p) or "<root>"
         raise QuantizationExportError(
-            f"Cannot quantize: `{full}` ({cls_name}) cannot be captured by torch.export(strict=True): {detail}. "
+            f"Cannot quantize: `{full}` ({cls_name}) cannot be captured by torch.export: {detail}. "
             f"HINT: quantize only an exportable part with `module=` (an attribute path such as 'backbone.features'), "
             f"keep layers in fp32 with `skip=['<regex>']`, or rewrite the failing op (data-dependent Python control "
             f"flow, .item(), numpy calls) in tensor ops."
@@ -288,12 +397,19 @@ def build_quantizer(spec: QuantSpec) -> Any:
     return quantizer
 
 
-def prepare(module: nn.Module, spec: QuantSpec, example: torch.Tensor | None = None) -> torch.fx.GraphModule:
+def prepare(module: nn.Module, spec: QuantSpec, example: Any = None) -> torch.fx.GraphModule:
     """Export ``module`` and insert fake-quant (``spec.mode == "qat"``) or observers (``"ptq"``).
 
     The result keeps the parameter objects (and names) of ``module``, so an optimizer built on them stays valid.
     Its ``train()``/``eval()`` switch BatchNorm and dropout inside the graph (see :func:`set_graph_mode`).
     In QAT mode fake-quant and observers start *disabled* (fp32 warm-up); switch them with :func:`set_phase`.
+    QAT conv-BatchNorm pairs keep each BatchNorm's own ``eps`` and stay finite when a BatchNorm weight is zero
+    (see :func:`_patch_qat_conv_bn`), so the prepared graph computes what the fp32 model computes before training.
+
+    Args:
+        module: the fp32 module.
+        spec: what to quantize and how.
+        example: the example input; default the spec's recorded one.
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -307,7 +423,10 @@ def prepare(module: nn.Module, spec: QuantSpec, example: torch.Tensor | None = N
     finally:
         module.train(training)
     quantizer = build_quantizer(spec)
+    eps = _bn_eps(graph)
     prepared = prepare_qat_pt2e(graph, quantizer) if spec.mode == "qat" else prepare_pt2e(graph, quantizer)
+    if spec.mode == "qat":
+        _patch_qat_conv_bn(prepared, eps)
     prepared.meta[_META_KEY] = {
         "spec": spec.to_dict(),
         "training": spec.mode == "qat",
@@ -322,6 +441,89 @@ def prepare(module: nn.Module, spec: QuantSpec, example: torch.Tensor | None = N
     else:
         prepared.eval()
     return prepared
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torchao's QAT conv-BatchNorm patterns: the one place that works around its internals
+# --------------------------------------------------------------------------------------------------------------------
+
+#: The BatchNorm eps torchao's QAT conv-bn patterns hard-code (``qat_utils._get_qat_conv_bn_pattern``, "TODO: allow
+#: setting eps") in torchao <= 0.18. A later torchao that honours the model's eps leaves nothing to patch here.
+_TORCHAO_QAT_BN_EPS = 1e-5
+_SAFE_GAMMA = "lightning_opt_safe_gamma"
+
+
+def _is_attr(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+
+def _bn_eps(graph: torch.fx.GraphModule) -> dict[str, float]:
+    """``{running_var attribute: eps}`` of every BatchNorm of a captured graph (before torchao rewrites it)."""
+    return {
+        str(node.args[4].target): float(node.args[7])
+        for node in graph.graph.nodes
+        if node.op == "call_function" and node.target in _BN_TARGETS and _is_attr(node.args[4])
+    }
+
+
+def _patch_qat_conv_bn(graph: torch.fx.GraphModule, eps: dict[str, float]) -> None:
+    """Make torchao's fused QAT conv-bn subgraphs compute the fp32 model: real eps, finite with a zero BN weight.
+
+    torchao replaces ``conv -> batch_norm`` by ``conv(x, w * g/std) / (g/std) + b -> batch_norm`` with
+    ``std = sqrt(running_var + 1e-5)`` and ``batch_norm(eps=1e-5)`` whatever the model's eps (MobileNetV3 uses 1e-3),
+    and with a BatchNorm weight ``g == 0`` (zero-initialised residual branches) the division is ``0 / 0 = NaN``.
+    Here each ``add(running_var, 1e-5)`` and ``batch_norm`` gets its BatchNorm's eps back, and the scale factor uses
+    ``g`` where ``g != 0`` and 1 elsewhere (the batch_norm still multiplies by the real ``g``, so the output is the
+    same and ``g`` gets its gradient). :func:`_unpatch_qat_conv_bn` removes the zero guard before ``convert_pt2e``
+    folds the pattern (which matches literals loosely, so the eps values stay).
+    """
+    aten = torch.ops.aten
+    changed = False
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _BN_TARGETS and _is_attr(node.args[4]):
+            wanted = eps.get(str(node.args[4].target))
+            if wanted is not None and node.args[7] != wanted:
+                node.args = (*node.args[:7], wanted, *node.args[8:])
+                changed = True
+        elif (
+            node.target is aten.add.Tensor
+            and _is_attr(node.args[0])
+            and str(node.args[0].target) in eps
+            and node.args[1] == _TORCHAO_QAT_BN_EPS
+        ):
+            node.args = (node.args[0], eps[str(node.args[0].target)])
+            changed = True
+        elif (
+            node.target is aten.div.Tensor
+            and _is_attr(node.args[0])
+            and isinstance(node.args[1], torch.fx.Node)
+            and node.args[1].target is aten.sqrt.default
+        ):
+            gamma = node.args[0]
+            with graph.graph.inserting_before(node):
+                is_zero = graph.graph.call_function(aten.eq.Scalar, (gamma, 0.0))
+                safe = graph.graph.call_function(aten.masked_fill.Scalar, (gamma, is_zero, 1.0))
+            for new in (is_zero, safe):
+                new.meta = {**gamma.meta, _SAFE_GAMMA: True}
+            node.args = (safe, node.args[1])
+            changed = True
+    if changed:
+        graph.recompile()
+
+
+def _unpatch_qat_conv_bn(graph: torch.fx.GraphModule) -> None:
+    """Remove the zero-weight guards of :func:`_patch_qat_conv_bn` so that torchao's conv-bn fold matches."""
+    guards = [n for n in graph.graph.nodes if n.meta.get(_SAFE_GAMMA) and n.target is torch.ops.aten.masked_fill.Scalar]
+    for safe in guards:
+        is_zero = safe.args[1]
+        safe.replace_all_uses_with(safe.args[0])
+        graph.graph.erase_node(safe)
+        if isinstance(is_zero, torch.fx.Node) and not is_zero.users:
+            graph.graph.erase_node(is_zero)
+    if guards:
+        graph.recompile()
 
 
 def quantized_weight_layers(graph: torch.fx.GraphModule) -> list[str]:
@@ -393,15 +595,68 @@ def set_graph_mode(graph: torch.fx.GraphModule, training: bool, bn_frozen: bool 
         ):  # BatchNorm's step counter: counts only while the statistics update
             node.args = (node.args[0], int(bn_training))
             changed = True
-        elif node.target in _DROPOUT_TARGETS and node.args[2] != training:
+        elif node.target in (*_DROPOUT_TARGETS, _NATIVE_DROPOUT) and node.args[2] != training:
             args = list(node.args)
             args[2] = training
             node.args = tuple(args)
             changed = True
+        elif node.target is _SDPA:
+            changed |= _set_sdpa_dropout(node, training)
     if changed:
         graph.recompile()
     meta["training"] = training
     meta["bn_frozen"] = bn_frozen
+
+
+def _set_sdpa_dropout(node: torch.fx.Node, training: bool) -> bool:
+    """Attention dropout (``dropout_p`` of ``scaled_dot_product_attention``) on in training, 0 otherwise."""
+    args = list(node.args)
+    current = node.kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
+    original = node.meta.setdefault(_DROPOUT_P_KEY, current)
+    wanted = original if training else 0.0
+    if current == wanted:
+        return False
+    if "dropout_p" in node.kwargs or len(args) <= 4:
+        node.kwargs = {**node.kwargs, "dropout_p": wanted}
+    else:
+        args[4] = wanted
+        node.args = tuple(args)
+    return True
+
+
+def strip_dropout(graph: torch.fx.GraphModule) -> int:
+    """Remove every dropout of an inference graph: ``dropout``/``dropout_`` nodes, ``native_dropout`` (whose mask
+    output becomes all-true) and attention dropout (``dropout_p`` of ``scaled_dot_product_attention`` set to 0).
+
+    Returns:
+        The number of dropouts removed or turned off.
+    """
+    removed = 0
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUT_TARGETS:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+            removed += 1
+        elif node.target is _NATIVE_DROPOUT:
+            x = node.args[0]
+            for user in list(node.users):
+                if user.target is operator.getitem and user.args[1] == 0:
+                    user.replace_all_uses_with(x)
+                elif user.target is operator.getitem:
+                    with graph.graph.inserting_before(user):
+                        ones = graph.graph.call_function(torch.ops.aten.ones_like.default, (x,), {"dtype": torch.bool})
+                    user.replace_all_uses_with(ones)
+                graph.graph.erase_node(user)
+            graph.graph.erase_node(node)
+            removed += 1
+        elif node.target is _SDPA:
+            removed += int(_set_sdpa_dropout(node, False))
+            node.meta[_DROPOUT_P_KEY] = 0.0  # for good: ``train()`` on the inference graph keeps it off
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return removed
 
 
 def _fake_quant_modules(graph: nn.Module) -> Iterator[Any]:
@@ -524,8 +779,13 @@ def unobserved(graph: nn.Module) -> list[str]:
     return names
 
 
-def observe(graph: torch.fx.GraphModule, batches: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> None:
-    """Run inputs through the graph in eval mode with observers on (a calibration pass), then restore its state."""
+def observe(graph: torch.fx.GraphModule, batches: Iterator[Any] | Sequence[Any]) -> None:
+    """Run inputs through the graph in eval mode with observers on (a calibration pass), then restore its state.
+
+    Args:
+        graph: a prepared graph.
+        batches: model inputs (each a tensor, a tuple of positional tensors or a dict of keyword tensors).
+    """
     saved = [(m, m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in _fake_quant_modules(graph)]
     meta = state_of(graph)
     training, bn_frozen = bool(meta.get("training", False)), bool(meta.get("bn_frozen", False))
@@ -535,7 +795,7 @@ def observe(graph: torch.fx.GraphModule, batches: Iterator[torch.Tensor] | Seque
             module.observer_enabled.fill_(1)
         with torch.no_grad():
             for x in batches:
-                graph(x)
+                inputs.call(graph, x)
     finally:
         for module, fq, _ in saved:
             module.fake_quant_enabled.copy_(fq)
@@ -559,11 +819,106 @@ def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for module in _fake_quant_modules(work):
         module.observer_enabled.fill_(0)
         module.fake_quant_enabled.fill_(1)
+    _unpatch_qat_conv_bn(work)
     with _fast_conv_bn_fold(work):
         converted = convert_pt2e(work)
+    strip_dropout(converted)
     drop_unused_tensors(converted)
     converted.meta[_META_KEY] = {"training": False, "bn_frozen": False}
     install_train_eval(converted)
+    return converted
+
+
+class _Found(Exception):
+    def __init__(self, node: torch.fx.Node, detail: str) -> None:
+        super().__init__(detail)
+        self.node, self.detail = node, detail
+
+
+class _BadNodeFinder(torch.fx.Interpreter):
+    """Runs a graph node by node and stops at the first node that raises or returns non-finite floats."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as err:
+            raise _Found(n, _first_line(err)) from err
+        if n.op in ("call_function", "call_module"):
+            for t in inputs.flat_tensors(result if isinstance(result, (tuple, list, dict)) else [result]):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise _Found(n, "it produces non-finite values (NaN/inf)")
+        return result
+
+
+def _find_bad_node(graph: torch.fx.GraphModule, example: Any) -> tuple[str, str] | None:
+    """(layer name, what goes wrong) of the first node of ``graph`` that fails or turns non-finite on ``example``."""
+    args, kwargs = inputs.call_args(example)
+    try:
+        with torch.no_grad():
+            _BadNodeFinder(graph).run(*pytree.arg_tree_leaves(*args, **kwargs), enable_io_processing=False)
+    except _Found as found:
+        node = found.node
+        source = node if node.op != "call_module" or not node.args else node.args[0]
+        name = _node_layer_name(source) if isinstance(source, torch.fx.Node) else node.name
+        return name, f"{node.target}: {found.detail}"
+    except Exception:
+        return None
+    return None
+
+
+def _refuse(spec: QuantSpec, stage: str, layer: str | None, detail: str) -> QuantizationExportError:
+    where = ".".join(p for p in (spec.module, layer or "") if p) or "<root>"
+    skip = f"skip=[{re.escape(layer)!r}]" if layer else "skip=['<layer>']"
+    return QuantizationExportError(
+        f"Cannot quantize: rehearsing fit end on a copy of the model ({stage}) fails at `{where}`: {detail}. "
+        f"Training was not started. HINT: keep that layer in fp32 with `{skip}` (names relative to "
+        f"`{spec.module or '<root>'}`), or quantize only a part that converts with `module=`."
+    )
+
+
+def _check_output(graph: torch.fx.GraphModule, spec: QuantSpec, stage: str, example: Any) -> None:
+    try:
+        with torch.no_grad():
+            out = inputs.call(graph, example)
+    except Exception as err:
+        bad = _find_bad_node(graph, example)
+        raise _refuse(spec, stage, bad[0] if bad else None, bad[1] if bad else _first_line(err)) from err
+    tensors = inputs.flat_tensors(out if isinstance(out, (tuple, list, dict)) else [out])
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors):
+        bad = _find_bad_node(graph, example)
+        raise _refuse(spec, stage, bad[0] if bad else None, bad[1] if bad else "non-finite outputs")
+
+
+def rehearse(module: nn.Module, spec: QuantSpec, batches: Sequence[Any]) -> torch.fx.GraphModule:
+    """Run what fit end does on a deep copy of ``module`` and return the int8 graph; ``module`` is not touched.
+
+    Capture and prepare as ``spec`` says; for QAT a training-mode forward with fake quantization and observers on;
+    calibration on ``batches``; :func:`convert`; a forward of the converted graph. Each output must be finite.
+
+    Args:
+        module: the fp32 submodule that will be quantized.
+        spec: the spec fit end will use.
+        batches: real model inputs (at least one) for the forward and calibration passes.
+
+    Raises:
+        QuantizationExportError: naming the failing layer (relative to ``spec.module``) and the ``skip`` to use.
+    """
+    work = copy.deepcopy(module)
+    graph = prepare(work, spec)
+    example = batches[0]
+    if spec.mode == "qat":
+        graph.train()
+        set_phase(graph, fake_quant=True, observers=True)
+        _check_output(graph, spec, "a QAT training step", example)
+        set_phase(graph, fake_quant=True, observers=False)
+    observe(graph, batches)
+    graph.eval()
+    _check_output(graph, spec, "calibrated fake-quant model", example)
+    try:
+        converted = convert(graph)
+    except Exception as err:
+        raise _refuse(spec, "conversion to int8", None, _first_line(err)) from err
+    _check_output(converted, spec, "int8 model", example)
     return converted
 
 
@@ -589,14 +944,20 @@ def drop_unused_tensors(graph: torch.fx.GraphModule) -> list[str]:
     return dropped
 
 
-def export_artifact(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` an inference model (int8 or fp32) with a dynamic batch dimension."""
+def export_artifact(model: nn.Module, example: Any) -> torch.export.ExportedProgram:
+    """``torch.export`` an inference model (int8 or fp32) with a dynamic batch dimension, dropout removed.
+
+    Args:
+        model: the model to save; it is put in eval mode.
+        example: its example input (tensor, tuple of positional tensors or dict of keyword tensors).
+    """
     model.eval()
-    with torch.no_grad():
-        return _export(model, example, strict=False)
+    with torch.no_grad(), _no_kv_cache(model):
+        program = _export(model, example, strict=False)
+    return program
 
 
-def save_artifact(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> int:
+def save_artifact(model: nn.Module, example: Any, path: str | os.PathLike[str]) -> int:
     """Export and save as a ``.pt2`` file; returns its size in bytes."""
     program = export_artifact(model, example)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -630,11 +991,11 @@ class CompiledInference(nn.Module):
         self.model = model.eval()
         self.compiled = torch.compile(model, dynamic=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
-            return self.compiled(x)
+            return self.compiled(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -743,7 +1104,7 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def layer_sqnr(graph: torch.fx.GraphModule, batch: torch.Tensor) -> dict[str, float]:
+def layer_sqnr(graph: torch.fx.GraphModule, batch: Any) -> dict[str, float]:
     """Per-layer SQNR (dB) of the fake-quant graph against the same graph in fp32, on one batch.
 
     Each conv/linear output is compared between a run with every fake-quantizer disabled (fp32) and a run with
@@ -761,8 +1122,9 @@ def layer_sqnr(graph: torch.fx.GraphModule, batch: torch.Tensor) -> dict[str, fl
                 module.fake_quant_enabled.fill_(int(fake_quant))
                 module.observer_enabled.fill_(0)
             recorder = _Recorder(graph)
+            args, kwargs = inputs.call_args(batch)
             with torch.no_grad():
-                recorder.run(batch)
+                recorder.run(*pytree.arg_tree_leaves(*args, **kwargs), enable_io_processing=False)
             results.append(recorder.outputs)
     finally:
         for module, fq, obs in saved:
