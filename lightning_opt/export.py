@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._utils import load_checkpoint
 from lightning_opt.quantization import _artifact, _callback, _linear, _linear_callback, _onnx, _pt2e
 
 __all__ = ["export_checkpoint", "main"]
@@ -58,7 +59,7 @@ def _validate(fmt: str, quantize: str, method: str, calibration_batches: int, ck
 
 
 def _load_checkpoint(model: nn.Module, ckpt_path: str) -> list[_pt2e.QuantSpec]:
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt_path)  # weights-only: a file the user names never runs code
     specs = _callback._spec_from_checkpoint(checkpoint)
     for spec in specs:
         if not _pt2e.is_prepared(_pt2e.get_submodule(model, spec.module)):

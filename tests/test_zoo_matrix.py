@@ -20,32 +20,9 @@ from lightning_opt.testing.zoo import ZOO, available
 
 pytest.importorskip("onnxruntime")
 
-_ARTIFACT = (
-    "int8 .pt2 export of the whole LightningModule: its `forward(*args)` gets `dynamic_shapes` built for one "
-    "positional input (issue #10 point 3; zoo-quant)"
-)
-_ZERO_BN = (
-    "QAT on zero-initialised BatchNorm weights: NaN, then `zero_point` out of range (issue #10 point 5; zoo-quant)"
-)
-_ONNX = (
-    "export_onnx/OnnxRuntimeModel take one positional tensor: fail on `forward(*args)` and tuple inputs (#10 point 3)"
-)
-
 # (model, technique) -> why it fails today. Delete a row once the fix is merged: strict xfail makes it fail then.
-# Observed on the zoo-matrix branch; the pruning rows it showed (channel on regnet, convnext, vit, gpt2, shufflenet;
-# GPT-2's tied lm_head in unstructured and 2:4) are left out: main already has those fixes (zoo-pruning, merged), and
-# the cells work on main + this branch.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **{(m, "qat"): _ARTIFACT for m in ("resnet18", "mobilenet_v2", "mobilenet_v3", "efficientnet", "densenet")},
-    **{(m, "qat"): _ARTIFACT for m in ("shufflenet", "convnext", "vit")},
-    ("resnet_d", "qat"): _ZERO_BN,
-    ("regnet", "qat"): _ZERO_BN,
-    ("bert", "qat"): "QAT passes the tuple (input_ids, attention_mask) as one argument (issue #10 point 3; zoo-quant)",
-    **{(m, "ptq"): _ARTIFACT for m in ("resnet18", "resnet_d", "mobilenet_v2", "mobilenet_v3", "efficientnet")},
-    **{(m, "ptq"): _ARTIFACT for m in ("densenet", "shufflenet", "regnet", "convnext", "vit")},
-    ("bert", "ptq"): "PTQ calibrates/exports with the tuple example as one input (issue #10 point 3; zoo-quant)",
-    **{(m, "onnx"): _ONNX for m in ZOO},
-}
+# Empty: every cell works or is refused at setup with a message (the demo Transformer's int8/ONNX capture).
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _cells() -> list[pytest.ParameterSet]:

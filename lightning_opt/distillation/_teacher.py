@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from lightning_opt._utils import load_checkpoint
+
 __all__ = ["freeze", "import_class", "load_teacher"]
 
 
@@ -39,17 +41,10 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             f"`teacher_checkpoint` not found: {path!r}. HINT: train the teacher first "
             "(recipes/distillation/teacher_digits.yaml writes one) and pass the path of its .ckpt file."
         )
-    try:
-        # weights_only: a checkpoint is data, never code to run (a pickled object could execute anything on load)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"`teacher_checkpoint`={path!r} is not a readable PyTorch checkpoint of tensors and plain values "
-            f"(loaded with weights_only=True): {err}"
-        ) from err
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"`teacher_checkpoint`={path!r} holds a {type(ckpt).__name__}, expected a checkpoint dict.")
-    return ckpt
+    try:  # weights-only: a checkpoint is data, never code to run
+        return load_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"`teacher_checkpoint`: {err}") from None
 
 
 def _load_weights(teacher: nn.Module, ckpt: dict[str, Any], path: str) -> None:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_opt import inputs
-from lightning_opt._utils import local_log_dir
+from lightning_opt._utils import load_checkpoint, local_log_dir
 from lightning_opt.quantization import _linear
 
 __all__ = ["CALLBACK_SCHEMES", "LinearStage", "export_checkpoint", "stage_for", "validate_callback_scheme"]
@@ -283,7 +283,7 @@ def load_checkpoint_weights(model: nn.Module, ckpt_path: str) -> list[str]:
     Returns:
         The linearized module names.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(ckpt_path)  # weights-only: a file the user names never runs code
     state = checkpoint["state_dict"]
     transposed = []
     for name, module in model.named_modules():
