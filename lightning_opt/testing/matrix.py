@@ -24,7 +24,9 @@ Post-training steps (ONNX export) follow the fit, with the library's public func
 
 - ``"refused"``: lightning-opt itself raised a ``ValueError``/``TypeError``/``NotImplementedError``/``RuntimeError``
   before the first training batch (construction, ``setup``, ``on_fit_start``: ``trainer.global_step == 0``), so no
-  training time was lost; ``message`` is its first line.
+  training time was lost; ``message`` is its first line. For ``onnx``, an export that runs after training like
+  ``lightning-opt export``, a :class:`~lightning_opt.quantization.QuantizationExportError` naming the layer (nothing
+  written) is a refusal too.
 - ``"crash"``: an exception once training started, in a post-training step or in a check, or before training but
   raised inside another library or as a ``KeyError``/``IndexError``/``AttributeError`` (a bug, not a refusal).
 - ``"silent"``: everything ran, but the check failed (wrong outputs, target missed, nondeterministic artifact).
@@ -118,6 +120,10 @@ class Cell:
     def as_dict(self) -> dict[str, Any]:
         """A json-ready dict."""
         return asdict(self)
+
+
+class _ExportRefused(Exception):
+    """An export that runs after training (ONNX) refused the model with its own message, writing nothing."""
 
 
 class _CheckFailed(Exception):
@@ -417,12 +423,15 @@ def _onnx(name: str, root: str, measure: bool, threads: int) -> _Run:
     datamodule_batches = ZooDataModule(name).train_dataloader
 
     def check(trainer: pl.Trainer) -> dict[str, float]:
-        from lightning_opt.quantization import OnnxRuntimeModel, export_onnx, quantize_onnx
+        from lightning_opt.quantization import OnnxRuntimeModel, QuantizationExportError, export_onnx, quantize_onnx
 
         example: Any = model.example_input_array  # in the model's own form (tensor, tuple or dict)
         ref = _eval_output(model)
         fp32_path, int8_path = os.path.join(root, "model.onnx"), os.path.join(root, "model_int8.onnx")
-        figures = {"size_bytes_before": float(export_onnx(model, example, fp32_path))}
+        try:
+            figures = {"size_bytes_before": float(export_onnx(model, example, fp32_path))}
+        except QuantizationExportError as err:  # the export command's own refusal, naming the layer
+            raise _ExportRefused(_first_line(err)) from err
         figures["size_bytes_after"] = float(quantize_onnx(fp32_path, int8_path, datamodule_batches(), num_batches=2))
         fp32, int8 = OnnxRuntimeModel(fp32_path, num_threads=threads), OnnxRuntimeModel(int8_path, num_threads=threads)
         with torch.no_grad():
@@ -598,6 +607,8 @@ def run_cell(
                 figures.update({f"latency_ms_{k}": v for k, v in timed.items()})
         except _CheckFailed as err:
             return Cell(model, technique, "silent", str(err), figures, time.perf_counter() - start)
+        except _ExportRefused as err:  # an export step (ONNX) said no with a message, before writing anything
+            return Cell(model, technique, "refused", str(err), figures, time.perf_counter() - start)
         except Exception as err:
             frame = traceback.extract_tb(err.__traceback__)[-1]
             message = f"in the check ({Path(frame.filename).name}:{frame.lineno}): {_first_line(err)}"
