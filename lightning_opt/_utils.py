@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-__all__ = ["load_checkpoint", "local_log_dir"]
+__all__ = ["detached_copy", "load_checkpoint", "local_log_dir"]
 
 
 def local_log_dir(trainer: pl.Trainer) -> str:
@@ -88,3 +88,32 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def detached_copy(module: Any) -> Any:
+    """A deep copy of a module that leaves its Trainer behind (a LightningModule refers to it).
+
+    Rehearsals and measurements work on copies of the user's module. Copying the attached Trainer with it is wasteful
+    and, under DDP, impossible (the strategy holds process-group locks that cannot be copied).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_opt.module import ImageClassifier
+        >>> model = ImageClassifier("mlp", input_size=2, backbone_kwargs={"hidden": [4]})
+        >>> trainer = pl.Trainer(logger=False, default_root_dir=tempfile.mkdtemp())
+        >>> model.trainer = trainer
+        >>> copied = detached_copy(model)
+        >>> copied.backbone is model.backbone, copied._trainer is None
+        (False, True)
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    if isinstance(module, pl.LightningModule):
+        try:
+            trainer = module.trainer
+        except RuntimeError:  # not attached
+            trainer = None
+        if trainer is not None:
+            memo[id(trainer)] = None
+    return copy.deepcopy(module, memo)

@@ -256,9 +256,9 @@ class _InMemoryDataModule(pl.LightningDataModule):
         if augment:
             dataset = ShiftAugmented(dataset, self.augment_shift)
         sampler = EpochSampler(len(dataset), self.seed, shuffle=shuffle, with_seeds=augment)  # type: ignore[arg-type]
-        return ResumableDataLoader(
-            dataset,
-            sampler,
+        return ResumableDataLoader(  # keywords only: under DDP Lightning rebuilds it with its own `sampler=`
+            dataset=dataset,
+            sampler=sampler,
             progress=self._consumed_batches if shuffle else None,
             batch_size=self.batch_size,
             num_workers=self.num_workers,

@@ -11,7 +11,6 @@ keep their dtype and values.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import itertools
 import os
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_opt import inputs
+from lightning_opt._utils import detached_copy
 
 __all__ = [
     "LatencyResult",
@@ -231,7 +231,7 @@ def _measurable(model: nn.Module) -> Iterator[nn.Module]:
     together with its trainer; a model on another device is measured on a CPU copy.
     """
     if any(t.device.type != "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
-        yield copy.deepcopy(model).cpu().eval()
+        yield detached_copy(model).cpu().eval()
         return
     flags = {m: m.training for m in model.modules()}  # pre-order: parents before children
     model.eval()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_opt import inputs
+from lightning_opt._utils import detached_copy
 from lightning_opt.pruning._attention import (
     TPConfig,
     after_removal,
@@ -421,7 +421,7 @@ def rehearse_removal(
     root_names = [names[id(m)] for m in roots.values()]
     bad: dict[str, str] = {}
     while True:
-        work = copy.deepcopy(model).eval()
+        work = detached_copy(model).eval()
         modules = dict(work.named_modules())
         work_roots = {n: modules[n] for n in root_names if n not in bad}
         if not work_roots:

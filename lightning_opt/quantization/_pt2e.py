@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._utils import detached_copy
 
 SUPPORTED_DTYPES = ("int8",)
 SUPPORTED_WEIGHT_SCHEMES = ("per_channel_symmetric",)
@@ -903,7 +904,7 @@ def rehearse(module: nn.Module, spec: QuantSpec, batches: Sequence[Any]) -> torc
     Raises:
         QuantizationExportError: naming the failing layer (relative to ``spec.module``) and the ``skip`` to use.
     """
-    work = copy.deepcopy(module)
+    work = detached_copy(module)
     graph = prepare(work, spec)
     example = batches[0]
     if spec.mode == "qat":
