@@ -10,7 +10,7 @@ and the fraction of the teacher-student gap that distillation closes: ``(ppl_alo
 ppl_teacher)``. Goal (issue #13): >= 30%.
 
 Usage:
-    python benchmarks/lm.py --part kd                                   # seeds 0 1 2 (~12 min at 1 thread, 2 shared cores)
+    python benchmarks/lm.py --part kd             # seeds 0 1 2 (~12 min at 1 thread, 2 shared cores)
     python benchmarks/lm.py --part kd --steps 20 --teacher-steps 20 --seeds 0 --test-batches 2   # smoke run
 """
 
