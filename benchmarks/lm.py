@@ -67,10 +67,14 @@ def test_ppl(module: pl.LightningModule, args: argparse.Namespace) -> float:
     return float(result[0]["test/ppl"])
 
 
-def fit(module: pl.LightningModule, steps: int, args: argparse.Namespace) -> float:
+def fit(module: pl.LightningModule, steps: int, args: argparse.Namespace, save: str | None = None) -> float:
     start = time.perf_counter()
-    trainer(steps, args.test_batches).fit(module, datamodule=data(args))
-    return time.perf_counter() - start
+    t = trainer(steps, args.test_batches)
+    t.fit(module, datamodule=data(args))
+    secs = time.perf_counter() - start
+    if save:
+        t.save_checkpoint(save)
+    return secs
 
 
 def part_kd(args: argparse.Namespace) -> None:
@@ -80,14 +84,14 @@ def part_kd(args: argparse.Namespace) -> None:
         teacher = LanguageModel.load_from_checkpoint(args.teacher_checkpoint, map_location="cpu")
         print(f"teacher: {args.teacher_checkpoint}")
     else:
-        secs = fit(teacher, args.teacher_steps, args)
-        print(f"teacher: trained {args.teacher_steps} steps in {secs:.0f} s")
+        secs = fit(teacher, args.teacher_steps, args, save=args.save_teacher)
+        print(f"teacher: trained {args.teacher_steps} steps in {secs:.0f} s", flush=True)
     teacher.eval()
     t_ppl = test_ppl(teacher, args)
     n_t = count_parameters(teacher)
     n_s = count_parameters(lm(STUDENT, args))
     print(f"params: teacher {n_t:,}, student {n_s:,} (1/{n_t / n_s:.1f})")
-    print(f"teacher test ppl {t_ppl:.3f}")
+    print(f"teacher test ppl {t_ppl:.3f}", flush=True)
     alone, distilled = [], []
     for seed in args.seeds:
         pl.seed_everything(seed, verbose=False)
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="student steps (alone and distilled)")
     parser.add_argument("--teacher-steps", type=int, default=3000)
     parser.add_argument("--teacher-checkpoint", default=None, help="a LanguageModel checkpoint (4x128 shape)")
+    parser.add_argument("--save-teacher", default=None, help="write the trained teacher's checkpoint there")
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
