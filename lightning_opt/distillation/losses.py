@@ -37,6 +37,7 @@ __all__ = [
     "kd_loss",
     "token_kd_loss",
     "token_logits",
+    "topk_kd_loss",
 ]
 
 KDDivergence = Literal["forward_kl", "reverse_kl"]
@@ -207,6 +208,55 @@ def token_kd_loss(
         )
     keep = mask.to(kl.dtype)
     return (kl * keep).sum() / keep.sum().clamp(min=1.0) * (t * t)
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    temperature: float = 1.0,
+    kind: KDDivergence = "forward_kl",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`token_kd_loss` against a teacher kept as its ``k`` largest logits per row (a memory-bounded cache).
+
+    The approximation: both distributions are renormalised over the teacher's ``k`` kept tokens (the student's
+    logits are gathered there), so the loss is the KL between the two restricted to that set. It equals
+    :func:`token_kd_loss` when ``k`` is the whole vocabulary; with a smaller ``k`` it ignores the teacher's tail (the
+    mass outside the top-k) and the student's mass there gets no gradient from the soft loss.
+
+    Args:
+        student_logits: ``(N, V)`` raw student outputs, one row per token.
+        teacher_values: ``(N, k)`` the teacher's ``k`` largest logits per row (``logits.topk(k)``).
+        teacher_indices: ``(N, k)`` their token ids.
+        temperature: Softmax temperature ``T > 0``.
+        kind: ``"forward_kl"`` or ``"reverse_kl"``.
+        mask: ``(N,)`` booleans, rows to count (padding: False); None counts every row.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: If the teacher's values and indices differ in shape or do not match the student's rows.
+
+    Example:
+        >>> s, t = torch.randn(4, 9), torch.randn(4, 9)
+        >>> full = token_kd_loss(s, t, 2.0)
+        >>> values, indices = t.topk(9)
+        >>> bool(torch.isclose(topk_kd_loss(s, values, indices, 2.0), full, atol=1e-6))
+        True
+    """
+    if teacher_values.shape != teacher_indices.shape or teacher_values.dim() != 2:
+        raise ValueError(
+            f"`teacher_values` and `teacher_indices` must both be (N, k), got {tuple(teacher_values.shape)} and "
+            f"{tuple(teacher_indices.shape)}. HINT: pass the two outputs of `teacher_logits.topk(k)`."
+        )
+    if student_logits.dim() != 2 or student_logits.shape[0] != teacher_values.shape[0]:
+        raise ValueError(
+            f"`student_logits` must be (N, V) with the teacher's N = {teacher_values.shape[0]} rows, got "
+            f"{tuple(student_logits.shape)}. HINT: flatten (B, L, V) logits with token_logits first."
+        )
+    return token_kd_loss(student_logits.gather(1, teacher_indices.long()), teacher_values, temperature, kind, mask)
 
 
 def hinton_loss(

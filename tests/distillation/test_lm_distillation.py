@@ -11,7 +11,7 @@ from torch.distributions import Categorical, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_opt.distillation import DistillationModule
-from lightning_opt.distillation.losses import token_kd_loss, token_logits
+from lightning_opt.distillation.losses import token_kd_loss, token_logits, topk_kd_loss
 from lightning_opt.lm import TOKENIZER_KEY, LanguageModel
 from lightning_opt.text import ByteTokenizer, TextDataModule, tokenizer_state
 
@@ -157,3 +157,20 @@ def test_teacher_checkpoint_with_another_tokenizer_is_refused_before_step_one(tm
     with pytest.raises(ValueError, match=r"records a byte tokenizer of 256 tokens .* BPETokenizer of 260 tokens"):
         trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_topk_teacher_renormalises_over_the_kept_tokens(kind: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g) * 2
+    values, indices = t.topk(10)
+    torch.testing.assert_close(topk_kd_loss(s, values, indices, 2.0, kind), token_kd_loss(s, t, 2.0, kind))  # type: ignore[arg-type]
+    values, indices = t.topk(3)
+    # explicit sums over the 3 kept tokens, both distributions renormalised there
+    p_t = torch.softmax(values / 2.0, dim=1)
+    p_s = torch.softmax(s.gather(1, indices) / 2.0, dim=1)
+    a, b = (p_t, p_s) if kind == "forward_kl" else (p_s, p_t)
+    reference = (a * (a.log() - b.log())).sum(dim=1).mean() * 4.0
+    torch.testing.assert_close(topk_kd_loss(s, values, indices, 2.0, kind), reference)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`teacher_values` and `teacher_indices` must both be \(N, k\), got \(6, 3\)"):
+        topk_kd_loss(s, values, indices[:, :2], 2.0)
