@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +30,21 @@ __all__ = [
     "KDLoss",
     "agreement",
     "check_alpha",
+    "check_divergence",
     "check_temperature",
     "feature_loss",
     "hinton_loss",
     "kd_loss",
+    "token_kd_loss",
     "token_logits",
+    "topk_kd_loss",
 ]
+
+KDDivergence = Literal["forward_kl", "reverse_kl"]
+"""Direction of the soft loss: ``forward_kl`` = KL(teacher || student) (Hinton, mean-seeking), ``reverse_kl`` =
+KL(student || teacher) (mode-seeking, as in MiniLLM)."""
+
+_DIVERGENCES = ("forward_kl", "reverse_kl")
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> float:
@@ -130,6 +140,123 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     # KL(teacher || student) summed over classes, averaged over the other dimensions (batch and any spatial ones).
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
     return kl.mean() * (t * t)
+
+
+def check_divergence(kind: str, name: str = "kd_loss") -> KDDivergence:
+    """Return ``kind`` if it is ``"forward_kl"`` or ``"reverse_kl"``, else raise.
+
+    Raises:
+        ValueError: If ``kind`` is anything else.
+    """
+    if kind not in _DIVERGENCES:
+        raise ValueError(
+            f"`{name}` must be one of {list(_DIVERGENCES)}, got {kind!r}. HINT: forward_kl = KL(teacher || student) "
+            "(Hinton), reverse_kl = KL(student || teacher) (mode-seeking)."
+        )
+    return kind  # type: ignore[return-value]
+
+
+def token_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    kind: KDDivergence = "forward_kl",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Soft loss per row (token) in either KL direction, ``T^2``-scaled, averaged over the rows ``mask`` keeps.
+
+    ``forward_kl``: ``T^2 * sum_v p_t(v) (log p_t(v) - log p_s(v))``; ``reverse_kl``:
+    ``T^2 * sum_v p_s(v) (log p_s(v) - log p_t(v))``, with ``p = softmax(logits / T)`` over dim 1 (the classes, the
+    vocabulary of :func:`token_logits` rows). Rows where ``mask`` is False (padding, ``targets == -100``) contribute
+    nothing, to the value or the gradient: the mean is over the kept rows (zero when none is kept).
+
+    Args:
+        student_logits: ``(N, C)`` (or ``(N, C, ...)``) raw student outputs.
+        teacher_logits: Teacher outputs of the same shape; treated as constants (detached).
+        temperature: Softmax temperature ``T > 0``.
+        kind: ``"forward_kl"`` or ``"reverse_kl"``.
+        mask: Boolean tensor of the logits' shape without dim 1 (``(N,)`` for rows); None keeps every row.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: If the shapes differ, ``temperature <= 0``, ``kind`` is unknown or ``mask`` has the wrong shape.
+
+    Example:
+        >>> s, t = torch.tensor([[0.0, 1.0], [5.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 5.0]])
+        >>> round(token_kd_loss(s, t, mask=torch.tensor([True, False])).item(), 4)  # the 2nd row counts in nothing
+        0.4621
+        >>> round(token_kd_loss(s, s, kind="reverse_kl").item(), 6)
+        0.0
+    """
+    t = check_temperature(temperature)
+    kind = check_divergence(kind)
+    _check_logits(student_logits, teacher_logits)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    if kind == "forward_kl":
+        kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(dim=1)
+    else:
+        kl = F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(dim=1)
+    if mask is None:
+        return kl.mean() * (t * t)
+    if mask.shape != kl.shape:
+        raise ValueError(
+            f"`mask` must have the logits' shape without the class dimension, {tuple(kl.shape)}, got "
+            f"{tuple(mask.shape)}. HINT: flatten (B, L, V) logits and (B, L) targets with token_logits first."
+        )
+    keep = mask.to(kl.dtype)
+    return (kl * keep).sum() / keep.sum().clamp(min=1.0) * (t * t)
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    temperature: float = 1.0,
+    kind: KDDivergence = "forward_kl",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`token_kd_loss` against a teacher kept as its ``k`` largest logits per row (a memory-bounded cache).
+
+    The approximation: both distributions are renormalised over the teacher's ``k`` kept tokens (the student's
+    logits are gathered there), so the loss is the KL between the two restricted to that set. It equals
+    :func:`token_kd_loss` when ``k`` is the whole vocabulary; with a smaller ``k`` it ignores the teacher's tail (the
+    mass outside the top-k) and the student's mass there gets no gradient from the soft loss.
+
+    Args:
+        student_logits: ``(N, V)`` raw student outputs, one row per token.
+        teacher_values: ``(N, k)`` the teacher's ``k`` largest logits per row (``logits.topk(k)``).
+        teacher_indices: ``(N, k)`` their token ids.
+        temperature: Softmax temperature ``T > 0``.
+        kind: ``"forward_kl"`` or ``"reverse_kl"``.
+        mask: ``(N,)`` booleans, rows to count (padding: False); None counts every row.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: If the teacher's values and indices differ in shape or do not match the student's rows.
+
+    Example:
+        >>> s, t = torch.randn(4, 9), torch.randn(4, 9)
+        >>> full = token_kd_loss(s, t, 2.0)
+        >>> values, indices = t.topk(9)
+        >>> bool(torch.isclose(topk_kd_loss(s, values, indices, 2.0), full, atol=1e-6))
+        True
+    """
+    if teacher_values.shape != teacher_indices.shape or teacher_values.dim() != 2:
+        raise ValueError(
+            f"`teacher_values` and `teacher_indices` must both be (N, k), got {tuple(teacher_values.shape)} and "
+            f"{tuple(teacher_indices.shape)}. HINT: pass the two outputs of `teacher_logits.topk(k)`."
+        )
+    if student_logits.dim() != 2 or student_logits.shape[0] != teacher_values.shape[0]:
+        raise ValueError(
+            f"`student_logits` must be (N, V) with the teacher's N = {teacher_values.shape[0]} rows, got "
+            f"{tuple(student_logits.shape)}. HINT: flatten (B, L, V) logits with token_logits first."
+        )
+    return token_kd_loss(student_logits.gather(1, teacher_indices.long()), teacher_values, temperature, kind, mask)
 
 
 def hinton_loss(

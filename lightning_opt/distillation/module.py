@@ -21,12 +21,16 @@ from lightning_opt.data import UNLABELED
 from lightning_opt.distillation._teacher import freeze, load_teacher
 from lightning_opt.distillation.losses import (
     FeatureDistillationLoss,
+    KDDivergence,
     agreement,
     check_alpha,
+    check_divergence,
     check_temperature,
     kd_loss,
+    token_kd_loss,
     token_logits,
 )
+from lightning_opt.lm import IGNORE_INDEX, TOKENIZER_KEY
 from lightning_opt.module import labeled_cross_entropy
 from lightning_opt.schedules import Schedule
 
@@ -110,12 +114,24 @@ class DistillationModule(LightningModule):
             recomputing them. Valid only for a fixed, unaugmented training set whose batches carry indices.
         log_teacher_metrics: Also run the teacher on validation/test batches to log ``val/teacher_acc`` and
             ``val/agreement`` (teacher-student top-1 agreement).
+        kd_loss: Direction of the soft loss: ``"forward_kl"`` = ``KL(teacher_T || student_T)`` (Hinton, the
+            default) or ``"reverse_kl"`` = ``KL(student_T || teacher_T)`` (mode-seeking, as in MiniLLM); both
+            ``T^2``-scaled, per token for next-token logits.
+
+    **Language models.** For ``(B, L, V)`` logits with ``(B, L)`` targets the soft and hard losses are means over
+    the real tokens: targets equal to -100 (padding, :data:`lightning_opt.lm.IGNORE_INDEX`) count in neither, whatever
+    the logits there. Teacher and student may differ in width and depth but must share the vocabulary: the logits'
+    last dimension is compared on the probe (at construction when the student has an ``example_input_array``, else
+    at ``setup``), and the tokenizer fingerprint recorded in ``teacher_checkpoint`` (by
+    :class:`~lightning_opt.lm.LanguageModel`) is compared with the datamodule's tokenizer at ``setup``, both before
+    the first step.
 
     Raises:
         ValueError: If ``alpha`` is outside [0, 1], ``temperature <= 0`` (also for a schedule's values),
             ``feature_weight < 0``, a ``feature_layers`` name does not exist (the message lists the valid names),
-            the teacher's and student's outputs differ in shape, or the teacher arguments are missing, ambiguous or
-            its checkpoint incompatible.
+            the teacher's and student's outputs differ in shape (their vocabularies, for next-token logits), the
+            teacher checkpoint's tokenizer differs from the datamodule's, ``kd_loss`` is unknown, or the teacher
+            arguments are missing, ambiguous or its checkpoint incompatible.
         FileNotFoundError: If ``teacher_checkpoint`` does not exist.
 
     Example:
@@ -144,6 +160,7 @@ class DistillationModule(LightningModule):
         feature_weight: float = 1.0,
         cache_teacher_outputs: bool = False,
         log_teacher_metrics: bool = True,
+        kd_loss: KDDivergence = "forward_kl",
     ) -> None:
         super().__init__()
         if not isinstance(student, LightningModule):
@@ -160,6 +177,7 @@ class DistillationModule(LightningModule):
                 hparams_initial[key] = copy.deepcopy(given[key])
         self.alpha = _check_value_or_schedule(alpha, "alpha")
         self.temperature = _check_value_or_schedule(temperature, "temperature")
+        self.kd_loss: KDDivergence = check_divergence(kd_loss)
         if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
             raise ValueError(f"`feature_weight` must be a finite number >= 0, got {feature_weight!r}.")
         self.feature_weight = float(feature_weight)
@@ -276,6 +294,13 @@ class DistillationModule(LightningModule):
                 f"{type(t_out).__name__} on an input ({inputs.describe(x)}). HINT: return `output.logits` from a "
                 "Hugging Face model's forward."
             )
+        if s_out.dim() == 3 and t_out.dim() == 3 and s_out.shape[-1] != t_out.shape[-1]:
+            raise ValueError(
+                f"teacher and student vocabularies differ: the student predicts {s_out.shape[-1]} tokens, the teacher "
+                f"{t_out.shape[-1]} (next-token logits {tuple(s_out.shape)} vs {tuple(t_out.shape)}). HINT: "
+                "token-level distillation needs one tokenizer: give the student the teacher's `vocab_size` and "
+                "train both on the same tokenizer."
+            )
         if s_out.shape != t_out.shape:
             raise ValueError(
                 f"teacher and student outputs differ in shape: student {tuple(s_out.shape)}, teacher "
@@ -325,6 +350,7 @@ class DistillationModule(LightningModule):
                     "`feature_layers` needs one input to size the adapters before training: set "
                     "`student.example_input_array` or fit with a datamodule."
                 )
+        self._check_tokenizer()
         if stage == "fit" and self.cache_teacher_outputs:
             dm = getattr(self.trainer, "datamodule", None)
             if getattr(dm, "return_index", None) is False:
@@ -338,6 +364,28 @@ class DistillationModule(LightningModule):
                     f"`cache_teacher_outputs`=True needs a fixed, unaugmented training set, but the datamodule has "
                     f"augment_shift={shift}. HINT: set augment_shift=0 or turn the cache off."
                 )
+
+    def _check_tokenizer(self) -> None:
+        """Refuse a teacher checkpoint whose recorded tokenizer differs from the datamodule's (the student's)."""
+        path = self.hparams.get("teacher_checkpoint")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(dm, "tokenizer", None)
+        if not path or tokenizer is None or not hasattr(tokenizer, "fingerprint"):
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True).get(TOKENIZER_KEY)
+        if not state:
+            return
+        from lightning_opt.text import tokenizer_from_state
+
+        teacher_tok = tokenizer_from_state(state)
+        if teacher_tok.fingerprint() != tokenizer.fingerprint():
+            raise ValueError(
+                f"the teacher was trained with another tokenizer: `teacher_checkpoint`={path!r} records a "
+                f"{state.get('kind')} tokenizer of {teacher_tok.vocab_size} tokens (fingerprint "
+                f"{teacher_tok.fingerprint()}), the datamodule has {type(tokenizer).__name__} of "
+                f"{tokenizer.vocab_size} tokens (fingerprint {tokenizer.fingerprint()}). HINT: token ids must mean "
+                "the same text for both models: pass the teacher's tokenizer to the datamodule (`tokenizer_path`)."
+            )
 
     def _example_batch_input(self) -> Any:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -415,8 +463,17 @@ class DistillationModule(LightningModule):
         s_logits, flat_y = token_logits(s_logits, y)  # next-token logits (B, L, V): one row per token
         t_logits, _ = token_logits(t_logits)
         y = flat_y if flat_y is not None else y
+        # Padding (-100) counts in neither loss; -1 (the unlabelled transfer set) gets the soft loss only.
+        real = y != IGNORE_INDEX if y.shape == s_logits.shape[:1] else None
+        if real is not None and not bool(real.all()):
+            y = y.masked_fill(~real, UNLABELED)
+        else:
+            real = None
         hard = labeled_cross_entropy(s_logits, y)  # labelled samples only (-1: the unlabelled transfer set)
-        soft = kd_loss(s_logits, t_logits, temperature)  # every sample
+        if self.kd_loss == "forward_kl" and real is None:
+            soft = kd_loss(s_logits, t_logits, temperature)  # every sample
+        else:
+            soft = token_kd_loss(s_logits, t_logits, temperature, self.kd_loss, mask=real)
         loss = alpha * soft + (1.0 - alpha) * hard
         n = inputs.batch_size(x)
         log = {"train/hard_loss": hard.detach(), "train/soft_loss": soft.detach()}
@@ -431,7 +488,9 @@ class DistillationModule(LightningModule):
                 self.log("train/acc", (s_logits[labeled].argmax(1) == y[labeled]).float().mean(), batch_size=n_labeled)
                 t_acc = (t_logits[labeled].argmax(1) == y[labeled]).float().mean()
                 self.log("train/teacher_acc", t_acc, batch_size=n_labeled)
-            log["train/agreement"] = agreement(s_logits, t_logits)
+            log["train/agreement"] = (
+                agreement(s_logits, t_logits) if real is None else agreement(s_logits[real], t_logits[real])
+            )
         if isinstance(self.alpha, Schedule):
             log["train/alpha"] = torch.tensor(alpha)
         if isinstance(self.temperature, Schedule):
