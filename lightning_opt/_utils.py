@@ -36,14 +36,16 @@ def local_log_dir(trainer: pl.Trainer) -> str:
     return str(trainer.default_root_dir)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], lightning: bool = True) -> Any:
     """Load a Lightning checkpoint the user named, weights-only (a file cannot run code), with one clear error.
 
     Args:
         path: the checkpoint file.
+        lightning: require a Lightning checkpoint (a dict holding ``state_dict``); ``False`` returns whatever
+            weights-only object the file holds (a bare ``state_dict``).
 
     Returns:
-        The checkpoint dict (it holds ``state_dict``).
+        The checkpoint.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -80,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     except Exception as err:  # truncated zip, not a torch file, unreadable
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {_first_line(err)}. {hint}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if lightning and (not isinstance(checkpoint, dict) or "state_dict" not in checkpoint):
         raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (it has no 'state_dict'). {hint}")
     return checkpoint
 

@@ -42,9 +42,12 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             "(recipes/distillation/teacher_digits.yaml writes one) and pass the path of its .ckpt file."
         )
     try:  # weights-only: a checkpoint is data, never code to run
-        return load_checkpoint(path)
+        ckpt = load_checkpoint(path, lightning=False)
     except ValueError as err:
         raise ValueError(f"`teacher_checkpoint`: {err}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"`teacher_checkpoint`={path!r} holds a {type(ckpt).__name__}, expected a checkpoint dict.")
+    return ckpt
 
 
 def _load_weights(teacher: nn.Module, ckpt: dict[str, Any], path: str) -> None:
