@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-__all__ = ["detached_copy", "load_checkpoint", "local_log_dir"]
+__all__ = ["ConciseArgumentParser", "detached_copy", "load_checkpoint", "local_log_dir"]
 
 
 def local_log_dir(trainer: pl.Trainer) -> str:
@@ -119,3 +121,20 @@ def detached_copy(module: Any) -> Any:
         if trainer is not None:
             memo[id(trainer)] = None
     return copy.deepcopy(module, memo)
+
+
+class ConciseArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one message and a pointer to ``--help``, not the usage text.
+
+    Example:
+        >>> parser = ConciseArgumentParser(prog="lightning-opt export")
+        >>> _ = parser.add_argument("--batches", type=int)
+        >>> parser.parse_args(["--batches", "x"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\nRun `{self.prog} --help` for the accepted options.\n")
+        raise SystemExit(2)

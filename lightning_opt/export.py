@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from lightning_opt import inputs
-from lightning_opt._utils import load_checkpoint
+from lightning_opt._utils import ConciseArgumentParser, load_checkpoint
 from lightning_opt.quantization import _artifact, _callback, _linear, _linear_callback, _onnx, _pt2e
 
 __all__ = ["export_checkpoint", "main"]
@@ -211,7 +210,7 @@ def export_checkpoint(
 
 def main(argv: list[str]) -> None:
     """Command-line entry (``lightning-opt export ...``); unknown ``--key=value`` arguments go to the recipe."""
-    parser = argparse.ArgumentParser(
+    parser = ConciseArgumentParser(
         prog="lightning-opt export",
         description="Turn a checkpoint into an int8 .pt2 or ONNX artifact and measure it (accuracy, latency, bytes).",
     )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_opt._utils import ConciseArgumentParser
 from lightning_opt.reporting._report import CompressionReport, format_report_markdown
 
 
@@ -16,7 +16,7 @@ def _default_output_dir(ckpt: Path) -> Path:
 
 def main(argv: Sequence[str]) -> dict:
     """Load the recipe's model from ``--ckpt``, measure it, test it, and write ``report.json``/``report.md``."""
-    parser = argparse.ArgumentParser(
+    parser = ConciseArgumentParser(
         prog="lightning-opt report",
         description="Measure a checkpoint (params, nonzeros, size, FLOPs, latency, test metric) and write a report."
         " Arguments after the options are recipe overrides, as for `lightning-opt fit`.",

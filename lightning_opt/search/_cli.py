@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
+from lightning_opt._utils import ConciseArgumentParser
+
 __all__ = ["main"]
 
 _EPILOG = """\
@@ -36,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["--config", "recipes/search/hpo_digits.yaml", "--search.n_trials=2"])  # doctest: +SKIP
         0
     """
-    parser = argparse.ArgumentParser(
+    parser = ConciseArgumentParser(
         prog="lightning-opt search",
         description="Search architectures, hyperparameters and compression settings of a recipe with optuna.",
         epilog=_EPILOG,
