@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +48,7 @@ from torch import nn
 
 from lightning_opt import inputs
 from lightning_opt.measure import measure_latency, saved_size_bytes
+from lightning_opt.quantization import _pt2e
 
 __all__ = [
     "SCHEMES",
@@ -181,21 +181,7 @@ def select_layers(model: nn.Module, skip: Sequence[str] | None = None, embedding
     """
     if skip is not None and (isinstance(skip, str) or not all(isinstance(p, str) for p in skip)):
         raise ValueError(f"`skip` must be a list of regular expressions, got {skip!r}.")
-    names = [name for name, _ in model.named_modules() if name]
-    skipped: list[str] = []
-    for pattern in skip or []:
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"`skip` pattern {pattern!r} is not a valid regular expression: {err}.") from err
-        hits = [name for name in names if regex.fullmatch(name)]
-        if not hits:
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise ValueError(
-                f"`skip` pattern {pattern!r} matches no module. Module names are: {shown}. HINT: patterns are "
-                r"full-matched regexes on module names, e.g. 'lm_head' or 'blocks\.0\..*'."
-            )
-        skipped += hits
+    skipped = _pt2e.resolve_skip_patterns(model, skip or [])  # one rule for skip patterns on both int8 paths
     types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     chosen = [
         name
