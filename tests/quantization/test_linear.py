@@ -96,7 +96,11 @@ def test_unknown_scheme_is_refused() -> None:
 
 
 def test_skip_pattern_matching_nothing_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"`skip` pattern 'head' matches no module of the quantized model\. Module names are: 0, 1, 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"`skip` pattern 'head' matches no module of the quantized model\. "
+        r"Module names are: 0, 1, 2",
+    ):
         _linear.quantize(mlp(), "int8_dynamic", skip=["head"])
 
 
@@ -297,7 +301,11 @@ def test_ptq_callback_refuses_a_bad_skip_before_training(tmp_path) -> None:
     module = TinyLMModule()
     before = module.backbone.fc.weight.detach().clone()
     ptq = PostTrainingQuantization(scheme="int8_weight_only", skip=["lm_head"], compile=False, latency=False)
-    with pytest.raises(ValueError, match=r"`skip` pattern 'lm_head' matches no module of the quantized model\. Module names are: embed"):
+    with pytest.raises(
+        ValueError,
+        match=r"`skip` pattern 'lm_head' matches no module of the quantized model\. "
+        r"Module names are: embed",
+    ):
         trainer(tmp_path, ptq).fit(module, train_dataloaders=lm_data())
     assert torch.equal(module.backbone.fc.weight, before)
 
