@@ -31,6 +31,7 @@ from lightning_opt.quantization import (
 )
 from lightning_opt.quantization import _pt2e as P
 from lightning_opt.testing.zoo import ZooDataModule, ZooModule, available
+from tests.quantization._helpers import make_trainer
 
 #: int8 artifact vs its reference (QAT: the fake-quant model; PTQ and ONNX int8: the fp32 model), in dB of SQNR.
 #: Random-init models in int8 keep 12-40 dB here; 8 dB (noise at 40% of the signal's amplitude) still catches a
@@ -41,19 +42,7 @@ ONNX_FP32_ATOL = 1e-4
 
 
 def _trainer(tmp_path: Any, callbacks: list[pl.Callback], steps: int = 2) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=steps,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
+    return make_trainer(tmp_path, callbacks, max_steps=steps)
 
 
 def _logits(out: Any) -> torch.Tensor:
