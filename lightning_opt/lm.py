@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lightning_opt.schedules import _check_point, resolve_step
+from lightning_opt.schedules import check_point, resolve_step
 from lightning_opt.text import ByteTokenizer, Tokenizer, tokenizer_from_state, tokenizer_state
 
 __all__ = [
@@ -375,7 +375,7 @@ class LanguageModel(pl.LightningModule):
             raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {list(betas)!r}.")
-        _check_point(warmup, "warmup")
+        check_point(warmup, "warmup")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
         if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:

@@ -67,7 +67,26 @@ def resolve_step(point: int | float, total_steps: int | float, name: str = "step
     return round(point * total_steps)
 
 
-def _check_point(point: int | float, name: str) -> None:
+def check_point(point: int | float | None, name: str, allow_none: bool = False) -> None:
+    """Check a point of the run as every callback takes one: an ``int`` step >= 0 or a ``float`` fraction in [0, 1].
+
+    Args:
+        point: The value given by the user.
+        name: The argument's name, for the message.
+        allow_none: Whether ``None`` (never) is accepted.
+
+    Raises:
+        TypeError: If ``point`` is neither an int nor a float (nor ``None`` when allowed).
+        ValueError: If a step is negative or a fraction outside [0, 1].
+
+    Example:
+        >>> check_point(1.5, "start")
+        Traceback (most recent call last):
+        ...
+        ValueError: `start` must be in [0.0, 1.0] when given as a fraction of the training steps, got 1.5. HINT: ...
+    """
+    if point is None and allow_none:
+        return
     if isinstance(point, bool) or not isinstance(point, (int, float)):
         raise TypeError(f"`{name}` must be an int (steps) or a float in [0, 1] (fraction), got {point!r}.")
     if isinstance(point, int) and point < 0:
@@ -106,8 +125,8 @@ class Schedule(ABC):
         end: int | float = 1.0,
         frequency: int = 1,
     ) -> None:
-        _check_point(start, "start")
-        _check_point(end, "end")
+        check_point(start, "start")
+        check_point(end, "end")
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
             raise ValueError(f"`frequency` must be an int >= 1 (optimizer steps between updates), got {frequency!r}.")
         if type(start) is type(end) and start > end:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_opt._utils import local_log_dir
-from lightning_opt.data import _InMemoryDataModule
+from lightning_opt.data import InMemoryDataModule
 
 __all__ = [
     "BPETokenizer",
@@ -311,7 +311,7 @@ def _check_int(name: str, value: Any, low: int, allow_none: bool = False, hint: 
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.{' HINT: ' + hint if hint else ''}")
 
 
-class TextDataModule(_InMemoryDataModule):
+class TextDataModule(InMemoryDataModule):
     """Next-token windows over a folder of text files, split by file, tokenised by bytes or by a BPE.
 
     Files matching ``glob`` under ``root`` are sorted, shuffled with ``seed``, capped at ``max_files`` and split by

@@ -101,10 +101,10 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("search no search section", ["search", "--config", QUICK], ["search"]),
     # --- report / export
-    ("report missing ckpt", ["report", "--ckpt", "{tmp}/none.ckpt", "--config", QUICK], ["none.ckpt"]),
+    ("report missing ckpt", ["report", "--ckpt_path", "{tmp}/none.ckpt", "--config", QUICK], ["none.ckpt"]),
     (
         "report code in checkpoint",
-        ["report", "--ckpt", "{tmp}/evil.ckpt", "--config", QUICK],
+        ["report", "--ckpt_path", "{tmp}/evil.ckpt", "--config", QUICK],
         ["evil.ckpt", "run code"],
     ),
     ("export code in checkpoint", ["export", "--config", QAT, "--ckpt_path", "{tmp}/evil.ckpt"], ["run code"]),
@@ -113,7 +113,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["fit", "--config", DISTILL, "--model.init_args.teacher_checkpoint={tmp}/evil.ckpt"],
         ["teacher_checkpoint", "evil.ckpt", "run code"],
     ),
-    ("report no config", ["report", "--ckpt", "{tmp}/good.ckpt"], ["--config"]),
+    ("report no config", ["report", "--ckpt_path", "{tmp}/good.ckpt"], ["--config"]),
     ("widths not ints", ["fit", "--config", QUICK, "--model.init_args.backbone_kwargs.channels=[8,x]"], ["channels"]),
     ("export unknown format", ["export", "--config", QAT, "--format", "tflite"], ["format", "tflite"]),
     ("export missing ckpt", ["export", "--config", QAT, "--ckpt_path", "{tmp}/none.ckpt"], ["none.ckpt"]),

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lightning_opt.cli import EXTRA_COMMANDS, build_from_config, main
+from lightning_opt.cli import COMMANDS, main
 from lightning_opt.module import ImageClassifier
+from lightning_opt.recipe import build_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
@@ -86,7 +87,7 @@ def test_help_lists_extra_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in EXTRA_COMMANDS)
+    assert all(name in out for name in COMMANDS)
 
 
 def test_build_from_config_validates_like_fit():
@@ -101,6 +102,9 @@ def test_console_script_quickstart_then_resume_and_report(tmp_path, monkeypatch)
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    listed = done.stdout[done.stdout.index("Written by this run:") :]  # fit ends by saying where each file went
+    for name in ("report.md", "last.ckpt", "config.yaml"):
+        assert "runs/quickstart/version_0/" in listed and name in listed, listed
     data = json.loads((run_dir / "report.json").read_text())
     assert {"baseline", "final"} <= set(data["stages"]) and "test/acc" in data["stages"]["final"]
     assert (run_dir / "config.yaml").exists()
@@ -115,14 +119,20 @@ def test_console_script_quickstart_then_resume_and_report(tmp_path, monkeypatch)
     out_dir = tmp_path / "measured"
     (tmp_path / "measured-from-here").mkdir()
     monkeypatch.chdir(tmp_path / "measured-from-here")
-    main(["report", "--ckpt", str(ckpt), "--config", QUICKSTART, "--output_dir", str(out_dir), *SHRINK])
-    measured = json.loads((out_dir / "report.json").read_text())["stages"]["checkpoint"]
+    main(["report", "--ckpt_path", str(ckpt), "--config", QUICKSTART, "--output_dir", str(out_dir), *SHRINK])
+    measured = json.loads((out_dir / "report_last.json").read_text())["stages"]["checkpoint"]
     assert list((tmp_path / "measured-from-here").iterdir()) == []  # the report command leaves nothing behind
     assert measured["params"] == data["stages"]["final"]["params"]
     assert measured["test/acc"] == pytest.approx(data["stages"]["final"]["test/acc"])
 
+    # without --output_dir the report lands in the run's folder under its own name: fit's report is kept
+    fit_report = (run_dir / "report.json").read_text()
+    main(["report", "--ckpt_path", str(ckpt), "--config", QUICKSTART, "--no_test", *SHRINK])
+    assert (run_dir / "report.json").read_text() == fit_report
+    assert (run_dir / "report_last.md").exists() and "checkpoint" in (run_dir / "report_last.md").read_text()
+
 
 def test_report_command_rejects_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["report", "--ckpt", str(tmp_path / "nope.ckpt"), "--config", QUICKSTART])
+        main(["report", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--config", QUICKSTART])
     assert "nope.ckpt" in capsys.readouterr().err

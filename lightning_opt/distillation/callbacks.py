@@ -7,8 +7,11 @@ from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import yaml
+from jsonargparse import get_loader
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
+
+from lightning_opt._utils import find_callback
 
 __all__ = ["StudentCheckpoint"]
 
@@ -61,6 +64,12 @@ class StudentCheckpoint(Callback):
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir
         return os.path.join(folder, self.filename)
 
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """Files this callback wrote in the run, by what they hold (``lightning-opt fit`` lists them at the end)."""
+        files = {"student": self.last_path, "student recipe": self.last_config_path}
+        return {name: path for name, path in files.items() if path}
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -72,11 +81,11 @@ class StudentCheckpoint(Callback):
     def _write_student_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: str) -> str | None:
         from lightning.pytorch.cli import SaveConfigCallback
 
-        saver = next((c for c in trainer.callbacks if isinstance(c, SaveConfigCallback)), None)  # type: ignore[attr-defined]
+        saver = find_callback(trainer, SaveConfigCallback)
         student_cfg = pl_module.hparams.get("student")
         if saver is None or not isinstance(student_cfg, Mapping):
             return None
-        config = yaml.safe_load(saver.parser.dump(saver.config, skip_none=False))
+        config = get_loader("yaml")(saver.parser.dump(saver.config, skip_none=False))  # as LightningCLI reads it
         config["model"] = dict(student_cfg)
         for key in ("ckpt_path", "weights_only"):  # arguments of `fit`, not of the config
             config.pop(key, None)

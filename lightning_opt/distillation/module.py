@@ -33,6 +33,7 @@ from lightning_opt.distillation.losses import (
 from lightning_opt.lm import IGNORE_INDEX, TOKENIZER_KEY
 from lightning_opt.module import labeled_cross_entropy
 from lightning_opt.schedules import Schedule
+from lightning_opt.text import tokenizer_from_state
 
 __all__ = ["DistillationModule"]
 
@@ -375,7 +376,6 @@ class DistillationModule(LightningModule):
         state = torch.load(path, map_location="cpu", weights_only=True).get(TOKENIZER_KEY)
         if not state:
             return
-        from lightning_opt.text import tokenizer_from_state
 
         teacher_tok = tokenizer_from_state(state)
         if teacher_tok.fingerprint() != tokenizer.fingerprint():
@@ -640,7 +640,7 @@ class DistillationModule(LightningModule):
 def _quantization_key() -> str | None:
     """The checkpoint key of the QAT records, when lightning_opt.quantization is available."""
     try:
-        from lightning_opt.quantization._callback import CHECKPOINT_KEY
+        from lightning_opt.quantization import CHECKPOINT_KEY
     except ImportError:
         return None
     return CHECKPOINT_KEY

@@ -33,6 +33,7 @@ from lightning_opt.pruning._masks import (
     select_weights,
     unstructured_masks,
 )
+from lightning_opt.pruning._remask import Remasker
 from lightning_opt.schedules import (
     ConstantSchedule,
     ExponentialSchedule,
@@ -56,6 +57,7 @@ __all__ = [
     "PolynomialSchedule",
     "Pruning",
     "RandomCriterion",
+    "Remasker",
     "Schedule",
     "TaylorCriterion",
     "UnsupportedModelError",

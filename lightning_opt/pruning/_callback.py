@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_opt import inputs
-from lightning_opt._utils import local_log_dir
+from lightning_opt._utils import find_callback, local_log_dir
+from lightning_opt.measure import measure_model
 from lightning_opt.pruning._channel import (
     STRUCTURE_KEY,
     ChannelGroups,
@@ -37,6 +38,7 @@ from lightning_opt.pruning._masks import (
     unstructured_masks,
 )
 from lightning_opt.pruning._remask import Remasker
+from lightning_opt.reporting import CompressionReport
 from lightning_opt.schedules import Schedule
 
 __all__ = ["Pruning"]
@@ -267,10 +269,7 @@ class Pruning(Callback):
         Returns:
             The callback or ``None``.
         """
-        for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(cb, Pruning):
-                return cb
-        return None
+        return find_callback(trainer, Pruning)
 
     def rebind(self, module: nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> list[str]:
         """Point the masks at ``module``'s parameters (by name) and re-hook ``optimizers``, then re-apply them.
@@ -706,6 +705,11 @@ class Pruning(Callback):
             self._report(trainer, report, before, after)
         self._save(trainer, pl_module)
 
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """Files this callback wrote in the run, by what they hold (``lightning-opt fit`` lists them at the end)."""
+        return {"pruned model": self.pruned_model_path} if self.pruned_model_path else {}
+
     @rank_zero_only
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = Path(local_log_dir(trainer)) / "pruned_model.pt"
@@ -814,7 +818,6 @@ def _sparsity_figure(rows: list[dict[str, Any]]) -> Any:
 
 
 def _find_report(trainer: pl.Trainer) -> Any:
-    from lightning_opt.reporting import CompressionReport
 
     return CompressionReport.find(trainer)
 
@@ -854,7 +857,6 @@ def _train_batches(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
 
 
 def _measure(model: nn.Module, example: Any) -> dict[str, Any]:
-    from lightning_opt.measure import measure_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,6 +15,7 @@ Public API:
 
 from lightning_opt.quantization import _linear as linear
 from lightning_opt.quantization._callback import (
+    CHECKPOINT_KEY,
     PostTrainingQuantization,
     QuantizationAwareTraining,
     calibrate,
@@ -35,6 +36,7 @@ from lightning_opt.quantization._pt2e import (
 )
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "CompiledInference",
     "OnnxRuntimeModel",
     "PostTrainingQuantization",

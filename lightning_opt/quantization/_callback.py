@@ -17,39 +17,20 @@ from typing_extensions import override
 
 from lightning_opt import inputs
 from lightning_opt._utils import local_log_dir
+from lightning_opt.pruning import Pruning, Remasker
 from lightning_opt.quantization import _artifact, _linear_callback, _pt2e
+from lightning_opt.reporting import CompressionReport
+from lightning_opt.schedules import check_point, resolve_step
 
-__all__ = ["PostTrainingQuantization", "QuantizationAwareTraining", "restore_quantized_structure"]
+__all__ = ["CHECKPOINT_KEY", "PostTrainingQuantization", "QuantizationAwareTraining", "restore_quantized_structure"]
 
+#: Where a checkpoint keeps the quantization state (which submodules are fake-quantized, with their specs).
 CHECKPOINT_KEY = "lightning_opt_quantization"
 
 
-def _check_point(name: str, value: int | float | None, allow_none: bool) -> None:
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"`{name}` must be a step (int >= 0) or a fraction of training in [0, 1), got None.")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be a step (int >= 0) or a fraction of training in [0, 1), got {value!r}.")
-    if isinstance(value, float) and not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"`{name}` must be a fraction in [0, 1) when given as a float, got {value}. "
-            "HINT: an int is a global step (e.g. 200), a float a fraction of the training steps (e.g. 0.5)."
-        )
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"`{name}` must be a step >= 0, got {value}.")
-
-
-def _resolve_point(value: int | float | None, total: float) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, float):
-        if math.isinf(total):
-            raise ValueError(
-                f"A fraction of training ({value}) needs a finite training length; set `max_steps` or `max_epochs`."
-            )
-        return int(value * total)
-    return int(value)
+def _resolve_point(value: int | float | None, total: float, name: str) -> int | None:
+    """The step of a phase (``start``, ``freeze_observers``, ``freeze_bn``): the schedules' one rule, None = never."""
+    return None if value is None else resolve_step(value, total, name)
 
 
 def _train_batches(trainer: pl.Trainer) -> Any:
@@ -363,6 +344,12 @@ class _Int8Callback(Callback):
             entry["specs"].append(self.spec.to_dict())
 
     # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """Files this callback wrote in the run, by what they hold (``lightning-opt fit`` lists them at the end)."""
+        artifact = self.results.get("artifact")
+        return {f"{self.stage_name} artifact": str(artifact)} if artifact else {}
+
     def _artifact_file(self, trainer: pl.Trainer) -> str:
         if self.artifact_path is not None:
             return self.artifact_path
@@ -400,7 +387,7 @@ class _Int8Callback(Callback):
         pl_module.eval()
         with _artifact.swapped(pl_module, path, converted) as int8_model:
             artifact, size = _artifact.save_and_reload(int8_model, example, file)
-        report = _report(trainer)
+        report = CompressionReport.find(trainer)
         batch_size = self.latency_batch_size or (report.batch_size if report is not None else 1)
         reference = None
         figures: dict[str, Any] = {}
@@ -437,10 +424,6 @@ class _Int8Callback(Callback):
 
 def _check_order(trainer: pl.Trainer, quantization: Callback) -> None:
     """Pruning selects its layers by type at setup, so it must see the eager model: it has to come first."""
-    try:
-        from lightning_opt.pruning import Pruning
-    except ImportError:  # pragma: no cover - pruning ships with lightning_opt
-        return
     callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
     mine = callbacks.index(quantization)
     late = [type(c).__name__ for c in callbacks[mine + 1 :] if isinstance(c, Pruning)]
@@ -449,14 +432,6 @@ def _check_order(trainer: pl.Trainer, quantization: Callback) -> None:
             f"{late[0]} is listed after {type(quantization).__name__} in `trainer.callbacks`, so it would look for "
             "Conv/Linear modules in the already-quantized graph. HINT: list the pruning callback first."
         )
-
-
-def _report(trainer: pl.Trainer) -> Any:
-    try:
-        from lightning_opt.reporting import CompressionReport
-    except ImportError:  # pragma: no cover - the reporting package ships with lightning_opt
-        return None
-    return CompressionReport.find(trainer)
 
 
 class QuantizationAwareTraining(_Int8Callback):
@@ -503,7 +478,7 @@ class QuantizationAwareTraining(_Int8Callback):
 
     Raises:
         ValueError: for an unsupported ``dtype`` or scheme, a bad ``start``/freeze point (negative, a fraction
-            outside [0, 1), a freeze point before ``start``, a start at or after the end of training), a ``skip``
+            outside [0, 1], a freeze point before ``start``, a start at or after the end of training), a ``skip``
             pattern matching no module, a ``module`` path that does not exist.
         QuantizationExportError: when the model cannot be exported; names the submodule and the failing op.
 
@@ -552,9 +527,9 @@ class QuantizationAwareTraining(_Int8Callback):
             num_threads,
             latency_batch_size,
         )
-        _check_point("start", start, allow_none=False)
-        _check_point("freeze_observers", freeze_observers, allow_none=True)
-        _check_point("freeze_bn", freeze_bn, allow_none=True)
+        check_point(start, "start")
+        check_point(freeze_observers, "freeze_observers", allow_none=True)
+        check_point(freeze_bn, "freeze_bn", allow_none=True)
         if log_every_n_val < 0:
             raise ValueError(f"`log_every_n_val` must be >= 0, got {log_every_n_val}.")
         self.start = start
@@ -567,6 +542,7 @@ class QuantizationAwareTraining(_Int8Callback):
         self.freeze_bn_step: int | None = None
         self._phase: tuple[bool, bool, bool] | None = None
         self._masks: dict[str, torch.Tensor] = {}
+        self._remasker = Remasker()
         self._val_batch: Any = None
         self._val_runs = 0
         self.scheme = scheme
@@ -587,9 +563,9 @@ class QuantizationAwareTraining(_Int8Callback):
     def resolve_steps(self, trainer: pl.Trainer) -> None:
         """Turn ``start``/freeze points into global steps and check them against the training length."""
         total = float(trainer.estimated_stepping_batches)
-        self.start_step = _resolve_point(self.start, total)
-        self.freeze_observers_step = _resolve_point(self.freeze_observers, total)
-        self.freeze_bn_step = _resolve_point(self.freeze_bn, total)
+        self.start_step = _resolve_point(self.start, total, "start")
+        self.freeze_observers_step = _resolve_point(self.freeze_observers, total, "freeze_observers")
+        self.freeze_bn_step = _resolve_point(self.freeze_bn, total, "freeze_bn")
         assert self.start_step is not None
         if not math.isinf(total) and self.start_step >= total:
             raise ValueError(
@@ -643,6 +619,8 @@ class QuantizationAwareTraining(_Int8Callback):
             self._masks = {
                 name: p.detach() != 0 for name, p in graph.named_parameters() if p.dim() > 1 and bool((p == 0).any())
             }
+            params = dict(graph.named_parameters())
+            self._remasker.set([(params[name], mask) for name, mask in self._masks.items()])
         self._apply_phase(trainer, pl_module)
 
     @override
@@ -655,15 +633,8 @@ class QuantizationAwareTraining(_Int8Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._masks:
-            return
-        graph = self.graph(pl_module)
-        if graph is None:
-            return
-        params = dict(graph.named_parameters())
-        with torch.no_grad():
-            for name, mask in self._masks.items():
-                params[name].mul_(mask)
+        if self._masks:
+            self._remasker.apply()  # the pruning callback's kernel: in place, one pass for all weights
 
     # ----------------------------------------------------------------------------------------------------------------
     @override

@@ -20,7 +20,9 @@ from torch import nn
 
 from lightning_opt import inputs
 from lightning_opt._utils import load_checkpoint, local_log_dir
+from lightning_opt.measure import saved_size_bytes
 from lightning_opt.quantization import _linear
+from lightning_opt.reporting import CompressionReport
 
 __all__ = ["CALLBACK_SCHEMES", "LinearStage", "export_checkpoint", "stage_for", "validate_callback_scheme"]
 
@@ -205,7 +207,7 @@ class LinearStage:
         figures["artifact"] = os.path.abspath(file)
         self.results = figures
         Path(file).with_suffix(".json").write_text(json.dumps(figures, indent=2))
-        report = _report(trainer)
+        report = CompressionReport.find(trainer)
         if report is not None:
             report.add_stage(self.stage_name, figures)
         scalars = {
@@ -355,17 +357,7 @@ def export_checkpoint(
 
 
 def _state_bytes(module: nn.Module) -> int:
-    from lightning_opt.measure import saved_size_bytes
-
     return saved_size_bytes(module)
-
-
-def _report(trainer: pl.Trainer) -> Any:
-    try:
-        from lightning_opt.reporting import CompressionReport
-    except ImportError:  # pragma: no cover - the reporting package ships with lightning_opt
-        return None
-    return CompressionReport.find(trainer)
 
 
 class _swapped:

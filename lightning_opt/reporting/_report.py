@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_opt import inputs
-from lightning_opt._utils import local_log_dir
+from lightning_opt._utils import find_callback, local_log_dir
 from lightning_opt.measure import measure_model
 
 __all__ = ["CompressionReport", "format_report_markdown"]
@@ -73,6 +73,19 @@ def format_report_markdown(stages: dict[str, dict[str, Any]], baseline: str = "b
                 row.append("")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _relative_paths(stages: dict[str, dict[str, Any]], folder: Path) -> dict[str, dict[str, Any]]:
+    """The figures with every absolute path inside ``folder`` made relative to it (a run folder can be moved)."""
+    root = folder.resolve()
+    out: dict[str, dict[str, Any]] = {}
+    for stage, figures in stages.items():
+        out[stage] = {}
+        for key, value in figures.items():
+            if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(root):
+                value = str(Path(value).resolve().relative_to(root))
+            out[stage][key] = value
+    return out
 
 
 class CompressionReport(Callback):
@@ -135,14 +148,14 @@ class CompressionReport(Callback):
         self.enabled = enabled
         self.stages: dict[str, dict[str, Any]] = {}
         self.output_dir: Path | None = None
+        #: Files this callback wrote in the run, by what they hold (printed at the end of ``lightning-opt fit``).
+        self.artifacts: dict[str, str] = {}
 
     @staticmethod
     def find(trainer: pl.Trainer) -> CompressionReport | None:
         """The trainer's enabled report callback, or None."""
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, CompressionReport) and callback.enabled:
-                return callback
-        return None
+        report = find_callback(trainer, CompressionReport)
+        return report if report is not None and report.enabled else None
 
     def add_stage(self, name: str, figures: dict[str, Any]) -> None:
         """Add (or update) a column of figures; numbers are stored as plain Python values."""
@@ -248,17 +261,28 @@ class CompressionReport(Callback):
         }
 
     @rank_zero_only
-    def write(self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None) -> Path | None:
-        """Write ``report.json`` and ``report.md`` (and, with a trainer, the TensorBoard text and scalars)."""
+    def write(
+        self, trainer: pl.Trainer | None = None, output_dir: str | Path | None = None, name: str = "report"
+    ) -> dict[str, Path]:
+        """Write ``<name>.json`` and ``<name>.md`` (and, with a trainer, the TensorBoard text and scalars).
+
+        Paths among the figures (an artifact's file) are written relative to the output folder when they lie in it.
+
+        Returns:
+            The written files: ``{"json": ..., "markdown": ...}``.
+        """
         if output_dir is not None:
             self.output_dir = Path(output_dir)
         elif trainer is not None:
             self.output_dir = Path(local_log_dir(trainer))
         assert self.output_dir is not None, "`write` needs a trainer or an output_dir"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        table = format_report_markdown(self.stages)
-        (self.output_dir / "report.json").write_text(json.dumps(self.to_dict(), indent=2))
-        (self.output_dir / "report.md").write_text(f"# Compression report\n\n{table}\n")
+        stages = _relative_paths(self.stages, self.output_dir)
+        table = format_report_markdown(stages)
+        files = {"json": self.output_dir / f"{name}.json", "markdown": self.output_dir / f"{name}.md"}
+        files["json"].write_text(json.dumps({**self.to_dict(), "stages": stages}, indent=2))
+        files["markdown"].write_text(f"# Compression report\n\n{table}\n")
+        self.artifacts = {"report": str(files["markdown"])}
         if trainer is not None:
             step = trainer.global_step
             scalars = {
@@ -273,4 +297,4 @@ class CompressionReport(Callback):
                     experiment.add_text("compression_report", table, global_step=step)
                 logger.log_metrics(scalars, step=step)
                 logger.save()
-        return self.output_dir
+        return files

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from lightning_opt.search._callbacks import NonFiniteLossError, TrialCallback
 from lightning_opt.search._outputs import pareto_front, write_outputs
-from lightning_opt.search._runner import SearchResult, counted_trials, load_search_recipe, run_search
+from lightning_opt.search._results import SearchResult, counted_trials
+from lightning_opt.search._runner import load_search_recipe, run_search
 from lightning_opt.search._space import Param, SearchSpace, flatten_keys, get_path, set_path
 from lightning_opt.search._spec import BUILTIN_OBJECTIVES, PRUNERS, SAMPLERS, Objective, SearchConfig
 

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-from lightning_opt.search._runner import SearchResult, counted_trials
+from lightning_opt.search._results import SearchResult, counted_trials
 from lightning_opt.search._space import SearchSpace
 from lightning_opt.search._spec import SearchConfig
 

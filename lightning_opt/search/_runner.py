@@ -12,7 +12,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,15 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from lightning_opt.measure import measure_model
+from lightning_opt.recipe import build_from_config, load_recipe, load_yaml
 from lightning_opt.search._callbacks import ObjectiveNotLoggedError, TrialCallback
+from lightning_opt.search._outputs import write_outputs
+from lightning_opt.search._results import SearchResult, counted_trials
 from lightning_opt.search._space import SearchSpace, flatten_keys, set_path, suggest_keys
 from lightning_opt.search._spec import BUILTIN_OBJECTIVES, SearchConfig
 
-__all__ = ["SearchResult", "load_search_recipe", "run_search"]
+__all__ = ["load_search_recipe", "run_search"]
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
@@ -37,25 +40,6 @@ _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitte
 
 class _BudgetReachedError(RuntimeError):
     """Another worker took the last trial of the budget first; this trial is dropped without training."""
-
-
-@dataclass
-class SearchResult:
-    """What a finished search returns.
-
-    Args:
-        study: The optuna study (all workers' trials).
-        config: The validated ``search:`` section.
-        best_trials: The best trial (one objective) or the Pareto front (several), completed trials only.
-        best_configs: The written ``best*.yaml`` files, in the order of ``best_trials``.
-        files: Other outputs by name (``csv``, ``history_png``, ``pareto_png``, ``tensorboard``).
-    """
-
-    study: optuna.Study
-    config: SearchConfig
-    best_trials: list[optuna.trial.FrozenTrial] = field(default_factory=list)
-    best_configs: list[Path] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------- recipe
@@ -69,7 +53,7 @@ def _parse_override(arg: str, nxt: str | None) -> tuple[str, Any, int]:
         if nxt is None or nxt.startswith("--"):
             raise ValueError(f"override `{arg}` has no value. HINT: write `{arg}=VALUE`.")
         key, raw, used = body, nxt, 2
-    return key, yaml.safe_load(raw), used
+    return key, load_yaml(raw), used
 
 
 def load_search_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], SearchConfig]:
@@ -88,11 +72,7 @@ def load_search_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -
         ValueError: If the recipe has no ``search:`` mapping, an override is malformed, or the section is invalid.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`--config` {str(path)!r} does not exist.")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"`--config` {str(path)!r} must hold a mapping, got {type(recipe).__name__}.")
+    recipe = load_recipe(path)
     argv = list(overrides)
     i = 0
     while i < len(argv):
@@ -138,39 +118,20 @@ def _parser_error(err: io.StringIO, exit_: SystemExit, what: str) -> ValueError:
     return ValueError(f"{what} does not parse: {message or f'exit code {exit_.code}'}")
 
 
-class _Builder:
-    """Builds trials with LightningCLI's own parser: the first through ``build_from_config``, later ones by running
-    the same parse -> seed -> instantiate sequence as ``LightningCLI.__init__`` on the parser already built, which
-    validates identically and saves rebuilding the parser (most of the per-trial setup time).
+def _build(args: list[str], what: str) -> Any:
+    """A trial's (or the recipe's) model, datamodule and trainer, built through LightningCLI's public path.
 
+    Each trial gets a fresh :class:`~lightning_opt.recipe.LightningOptCLI`, so the hyperparameters it records (the
+    model's ``hparams``, ``hparams.yaml``, TensorBoard HParams, the checkpoint) are the trial's sampled values.
     LightningCLI's ``SaveConfigCallback`` is left out: the search writes each trial's ``config.yaml`` (the trial's
-    recipe) and ``run.yaml`` (what ran) itself, and the callback's full dump of the parsed config (about 0.05 s a
-    trial) would overwrite the former in the trial's log directory.
+    recipe) itself. A parser error becomes a ``ValueError`` naming ``what`` failed.
     """
-
-    def __init__(self) -> None:
-        self.cli: Any = None
-
-    def build(self, args: list[str]) -> Any:
-        from lightning_opt.cli import build_from_config
-
-        err = io.StringIO()
-        first = self.cli
-        try:
-            with contextlib.redirect_stderr(err):
-                if self.cli is None:
-                    self.cli = build_from_config(args, save_config_callback=None)
-                    return self.cli
-                cli = self.cli
-                cli.parse_arguments(cli.parser, args)
-                cli._parse_ckpt_path()
-                cli._set_seed()
-                cli.before_instantiate_classes()
-                cli.instantiate_classes()
-                cli.after_instantiate_classes()
-                return cli
-        except SystemExit as exit_:
-            raise _parser_error(err, exit_, "the recipe" if first is None else "the trial's config") from None
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_from_config(args, save_config_callback=None)
+    except SystemExit as exit_:
+        raise _parser_error(err, exit_, what) from None
 
 
 def _has_checkpoint_callback(callbacks: Any) -> bool:
@@ -199,20 +160,6 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
-    """Numbers of trials failed by a dead worker's heartbeat and re-queued as a new trial."""
-    retried: set[int] = set()
-    for t in trials:
-        retried.update(t.system_attrs.get("retry_history", []))
-    return retried
-
-
-def counted_trials(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The trials that count toward ``n_trials``: all but re-queued dead ones and those dropped over budget."""
-    retried = _retried_numbers(trials)
-    return [t for t in trials if t.number not in retried and not t.user_attrs.get("skipped")]
-
-
 # ------------------------------------------------------------------------------------------------------- the loop
 class _Search:
     def __init__(
@@ -233,7 +180,6 @@ class _Search:
         self.builtins = [n for n in names if n in BUILTIN_OBJECTIVES]
         self.monitor = names[0] if config.pruner != "none" else None
         self.abort: BaseException | None = None
-        self.builder = _Builder()
         self.last_number: int | None = None
 
     # -------------------------------------------------------------------------------------------- validation
@@ -244,7 +190,7 @@ class _Search:
         dry = self.run_dir / f".dry_run_{os.uname().nodename}_{os.getpid()}.yaml"  # workers may share the run dir
         try:
             with _quiet(not self.verbose):
-                cli = self.builder.build(self._write(dry, run_cfg))
+                cli = _build(self._write(dry, run_cfg), "the recipe")
         finally:
             dry.unlink(missing_ok=True)
         known = set(flatten_keys(self.recipe)) | set(flatten_keys(cli.config.as_dict()))
@@ -366,7 +312,7 @@ class _Search:
             args = self._write(trial_dir / "run.yaml", self._run_config(config, trial_dir, name))
             with _quiet(not self.verbose):
                 build_start = time.perf_counter()
-                cli = self.builder.build(args)
+                cli = _build(args, "the trial's config")
                 trial.set_user_attr("build_seconds", round(time.perf_counter() - build_start, 4))
                 trainer, model = cli.trainer, cli.model
                 callback = TrialCallback(trial, monitor=self.monitor)
@@ -384,8 +330,6 @@ class _Search:
                     trainer.test(model, datamodule=cli.datamodule, verbose=False)
                     metrics.update(_scalar_metrics(dict(trainer.callback_metrics)))
                 if self.builtins:
-                    from lightning_opt.measure import measure_model
-
                     kwargs = {"num_threads": 1, **cfg.latency}
                     figures = measure_model(
                         model, model.example_input_array, latency="latency_ms" in self.builtins, **kwargs
@@ -525,8 +469,6 @@ def run_search(
         >>> result.best_configs[0].name  # doctest: +SKIP
         'best.yaml'
     """
-    from lightning_opt.search._outputs import write_outputs
-
     console = console or Console()
     recipe, cfg = load_search_recipe(config, overrides)
     search = _Search(recipe, cfg, verbose, console)

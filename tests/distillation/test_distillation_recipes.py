@@ -82,7 +82,7 @@ def test_teacher_then_distill_recipe_writes_a_student_that_loads_alone(
     model.eval()
     torch.testing.assert_close(student(x), model(x))
     # student.yaml: the run's config with the student as the model, buildable without any teacher
-    from lightning_opt.cli import build_from_config
+    from lightning_opt.recipe import build_from_config
 
     cli = build_from_config(["--config", str(run_dir / "student.yaml")])
     assert type(cli.model) is ImageClassifier
@@ -113,7 +113,7 @@ def test_distill_prune_qat_recipe_acts_on_the_student_only(
     teacher_after = torch.load(teacher_ckpt, weights_only=False)["state_dict"]
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
     # the student alone goes through `lightning-opt export` with its own config
-    from lightning_opt.export import export_checkpoint
+    from lightning_opt.quantization.export import export_checkpoint
 
     figures = export_checkpoint(
         ["--config", str(run_dir / "student.yaml")],
@@ -129,7 +129,7 @@ def test_distill_prune_qat_recipe_acts_on_the_student_only(
 
 
 def test_schedules_and_feature_layers_from_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_opt.cli import build_from_config
+    from lightning_opt.recipe import build_from_config
     from lightning_opt.schedules import LinearSchedule
 
     schedule = '{"class_path": "lightning_opt.schedules.LinearSchedule", "init_args": {"initial": 8.0, "final": 2.0}}'
@@ -166,7 +166,7 @@ def test_schedules_and_feature_layers_from_yaml(tmp_path: Path, capsys: pytest.C
 def test_transfer_recipes_teacher_sees_only_the_labelled_images_and_the_student_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_opt.cli import build_from_config
+    from lightning_opt.recipe import build_from_config
 
     monkeypatch.chdir(tmp_path)
     teacher_recipe = RECIPES / "teacher_transfer_digits.yaml"

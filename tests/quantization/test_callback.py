@@ -33,7 +33,7 @@ def test_init_rejects_bad_arguments():
         QuantizationAwareTraining(weight_scheme="per_tensor_symmetric")
     with pytest.raises(ValueError, match="`activation_scheme` must be one of"):
         QuantizationAwareTraining(activation_scheme="per_channel_affine")
-    with pytest.raises(ValueError, match=r"`start` must be a fraction in \[0, 1\).*got 1.5"):
+    with pytest.raises(ValueError, match=r"`start` must be in \[0.0, 1.0\].*got 1.5"):
         QuantizationAwareTraining(start=1.5)
     with pytest.raises(ValueError, match="`freeze_bn` must be a step >= 0, got -1"):
         QuantizationAwareTraining(freeze_bn=-1)

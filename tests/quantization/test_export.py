@@ -10,9 +10,9 @@ import yaml
 
 from lightning_opt.cli import main
 from lightning_opt.data import DigitsDataModule
-from lightning_opt.export import export_checkpoint
 from lightning_opt.module import ImageClassifier
 from lightning_opt.quantization import QuantizationAwareTraining
+from lightning_opt.quantization.export import export_checkpoint
 from tests.quantization._helpers import make_trainer
 
 CONFIG = {

@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_opt import inputs
-from lightning_opt.cli import build_from_config, main
-from lightning_opt.export import export_checkpoint
+from lightning_opt.cli import main
 from lightning_opt.quantization import PostTrainingQuantization, QuantizationAwareTraining, _linear, _linear_callback
+from lightning_opt.quantization.export import export_checkpoint
+from lightning_opt.recipe import build_from_config
 from lightning_opt.testing.zoo import ZooModule, available
 
 TOLERANCE = 0.05

@@ -12,8 +12,8 @@ from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from lightning_opt.cli import main as cli_main
 from lightning_opt.search import load_search_recipe, run_search
-from lightning_opt.search._cli import main as search_main
 
 
 def quiet() -> Console:
@@ -87,7 +87,7 @@ def test_search_end_to_end_outputs_and_best_yaml_reproduces(make_recipe, tmp_pat
     assert cfg["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(
         best.params["model.init_args.optimizer.init_args.lr"]
     )
-    from lightning_opt.cli import LightningOptCLI
+    from lightning_opt.recipe import LightningOptCLI
 
     cli = LightningOptCLI(
         args=[
@@ -217,7 +217,7 @@ def test_bad_input_fails_before_any_trial(make_recipe, tmp_path, capsys) -> None
     assert not (tmp_path / "run" / "study.db").exists()
     # through the command: exit code 2 and the message
     with pytest.raises(SystemExit) as exit_:
-        search_main(["--config", str(recipe)])
+        cli_main(["search", "--config", str(recipe)])
     assert exit_.value.code == 2
     assert "is not a key of the recipe" in capsys.readouterr().err
 
@@ -270,3 +270,42 @@ def test_trial_keeps_checkpointing_the_recipe_asks_for(make_recipe, edits) -> No
     trial = result.study.get_trials()[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
     assert list(Path(trial.user_attrs["trial_dir"]).rglob("*.ckpt")), edits
+
+
+def test_trial_checkpoints_record_the_sampled_architecture_and_load(make_recipe) -> None:
+    """Each trial is built through LightningCLI's public path: its hparams and checkpoint are the sampled values."""
+    from lightning_opt.module import ImageClassifier
+
+    channels = [[2, 2, 2], [16], [4, 8]]
+    space = {"model.init_args.backbone_kwargs.channels": {"choices": channels}}
+    recipe = make_recipe(
+        search={"space": space, "sampler": "grid", "n_trials": 3}, **{"trainer.enable_checkpointing": True}
+    )
+    result = run_search(recipe, console=quiet())
+    trials = result.study.get_trials()
+    sampled_all = [yaml.safe_load(t.params["model.init_args.backbone_kwargs.channels"]) for t in trials]
+    assert sorted(map(json.dumps, sampled_all)) == sorted(map(json.dumps, channels))
+    for trial in trials:
+        sampled = yaml.safe_load(trial.params["model.init_args.backbone_kwargs.channels"])
+        ckpt = next(Path(trial.user_attrs["trial_dir"]).rglob("*.ckpt"))
+        model = ImageClassifier.load_from_checkpoint(ckpt, weights_only=True)
+        assert model.hparams.backbone_kwargs["channels"] == sampled
+        hparams = yaml.safe_load(
+            next(
+                Path(trial.user_attrs["trial_dir"]).parent.rglob(
+                    f"{Path(trial.user_attrs['trial_dir']).name}/hparams.yaml"
+                )
+            ).read_text()
+        )
+        assert hparams["backbone_kwargs"]["channels"] == sampled
+
+
+def test_recipe_numbers_are_read_as_lightningcli_reads_them(make_recipe) -> None:
+    """`1e-4` is a float in the `search:` section and in overrides, as everywhere else in a recipe (YAML 1.2)."""
+    lr = {"type": "float", "low": "LOW", "high": "HIGH", "log": True}
+    recipe = make_recipe(search={"space": {"model.init_args.optimizer.init_args.lr": lr}})
+    recipe.write_text(recipe.read_text().replace("LOW", "1e-4").replace("HIGH", "1e-2"))  # as a user types them
+    _, config = load_search_recipe(recipe, ["--search.timeout=1e3", "--model.init_args.optimizer.init_args.lr=1e-3"])
+    param = next(p for p in config.space.params if p.key == "model.init_args.optimizer.init_args.lr")
+    assert (param.low, param.high) == (1e-4, 1e-2)
+    assert config.timeout == 1000.0

@@ -1,8 +1,9 @@
-"""``lightning-opt``: LightningCLI with the project's defaults, a compression report on every run, and extra commands.
+"""The recipe layer: :class:`LightningOptCLI` (LightningCLI with the project's defaults) and building a run from a
+recipe, the library that the commands (``fit``, ``search``, ``report``, ``export``, ``plan``) share.
 
-``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI's own; further subcommands (``report``, ``search``,
-``export``) are registered in :data:`EXTRA_COMMANDS` as ``"module:function"`` entries whose function takes the
-remaining command-line arguments.
+A recipe is a LightningCLI config (``model``, ``data``, ``trainer``, ``report``...). :func:`build_from_config` parses
+and instantiates one without running it; :func:`load_recipe` reads one the way LightningCLI does (the same YAML
+reader, so ``1e-4`` is a float everywhere, ``search:`` and overrides included).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import os
 import re
 import shutil
 import sys
@@ -19,66 +19,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule, LightningModule
+import yaml
+from jsonargparse import get_loader
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_opt._errors import debug_enabled
 from lightning_opt._utils import load_checkpoint, local_log_dir
 from lightning_opt.reporting import CompressionReport
 
-__all__ = ["EXTRA_COMMANDS", "LightningOptCLI", "build_from_config", "main"]
+__all__ = ["DEFAULT_LOGGER", "LightningOptCLI", "build_from_config", "load_recipe", "load_yaml"]
 
-#: Subcommands beside LightningCLI's own: name -> "module:function"; the function takes ``argv: list[str]``.
-EXTRA_COMMANDS: dict[str, str] = {
-    "report": "lightning_opt.reporting._cli:main",
-    "export": "lightning_opt.export:main",
-    "search": "lightning_opt.search._cli:main",
-}
+#: What ``lightning-opt fit --help`` says first.
+DESCRIPTION = "Train a recipe (a LightningCLI config: model, data, trainer, callbacks, report) with lightning-opt."
 
 #: Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``.
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "lightning_opt"},
 }
-
-_DESCRIPTION = (
-    "lightning-opt: train, compress and search Lightning models from recipe YAMLs. Subcommands: fit, validate, test,"
-    f" predict (LightningCLI), and {', '.join(EXTRA_COMMANDS)} (run `lightning-opt COMMAND --help`)."
-)
-
-
-#: Errors that mean the input (recipe, override, checkpoint, output folder) is wrong: one message, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    KeyError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-    MisconfigurationException,
-)
-
-
-def debug_enabled(argv: Sequence[str] = ()) -> bool:
-    """Whether tracebacks are wanted: ``--debug`` on the command line or ``LIGHTNING_OPT_DEBUG=1``."""
-    return "--debug" in argv or os.environ.get("LIGHTNING_OPT_DEBUG", "") not in ("", "0", "false")
-
-
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` reports bad input rather than a bug: a :data:`USER_ERRORS` type, a quantization refusal, or a
-    checkpoint whose tensors do not fit the model."""
-    if isinstance(err, USER_ERRORS):
-        return True
-    name = type(err).__name__
-    return name == "QuantizationExportError" or str(err).startswith("Error(s) in loading state_dict")
-
-
-def error_message(err: BaseException) -> str:
-    """The message of a user error, without the quotes ``KeyError`` adds."""
-    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
-        return err.args[0]
-    return str(err) or type(err).__name__
 
 
 def _union_bullets(lines: list[str]) -> list[list[str]]:
@@ -243,7 +204,7 @@ class LightningOptCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
-        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("parser_class", SuggestingArgumentParser)
         super().__init__(*args, **kwargs)
 
@@ -299,11 +260,53 @@ class LightningOptCLI(LightningCLI):
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if not config.get("test_after_fit", True) or self.trainer.interrupted:
-            return
-        if type(self.datamodule).test_dataloader is LightningDataModule.test_dataloader:
-            return
-        self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        has_test = type(self.datamodule).test_dataloader is not LightningDataModule.test_dataloader
+        if config.get("test_after_fit", True) and not self.trainer.interrupted and has_test:
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
+        if self.trainer.is_global_zero:
+            print(format_written_files(written_files(self.trainer)))
+
+
+def written_files(trainer: Trainer) -> dict[str, str]:
+    """What a run wrote, by what it holds: its checkpoints, the recipe as run, the TensorBoard folder and every file
+    a callback lists in its ``artifacts`` (the report, the pruned model, the int8 artifact, the student)."""
+    files: dict[str, str] = {}
+    run_dir = Path(local_log_dir(trainer))
+    if trainer.loggers:
+        files["TensorBoard run" if isinstance(trainer.logger, TensorBoardLogger) else "logs"] = str(run_dir)
+    if (run_dir / "config.yaml").is_file():
+        files["recipe as run"] = str(run_dir / "config.yaml")
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            if callback.best_model_path and callback.monitor:
+                files[f"best checkpoint ({callback.monitor})"] = callback.best_model_path
+            if callback.last_model_path:
+                files["last checkpoint"] = callback.last_model_path
+            elif callback.best_model_path and not callback.monitor:
+                files["checkpoint"] = callback.best_model_path
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        files.update(getattr(callback, "artifacts", None) or {})
+    return {name: path for name, path in files.items() if Path(path).exists()}
+
+
+def format_written_files(files: dict[str, str]) -> str:
+    """The lines ``lightning-opt fit`` ends with: each written file, relative to the working folder when inside it.
+
+    Example:
+        >>> print(format_written_files({"report": "runs/a/version_0/report.md"}))
+        Written by this run:
+          report  runs/a/version_0/report.md
+    """
+    if not files:
+        return "Nothing was written by this run (no logger, no checkpoint)."
+    width = max(map(len, files))
+    cwd = Path.cwd().resolve()
+    lines = ["Written by this run:"]
+    for name, path in files.items():
+        resolved = Path(path).resolve()
+        shown = resolved.relative_to(cwd) if resolved.is_relative_to(cwd) else resolved
+        lines.append(f"  {name:<{width}}  {shown}")
+    return "\n".join(lines)
 
 
 def build_from_config(args: Sequence[str] | dict[str, Any], **kwargs: Any) -> LightningOptCLI:
@@ -326,89 +329,46 @@ def build_from_config(args: Sequence[str] | dict[str, Any], **kwargs: Any) -> Li
         return LightningOptCLI(args=args if isinstance(args, dict) else list(args), run=False, **kwargs)
 
 
-def check_recipe_file(path: str) -> None:
-    """Fail with the file, line and column when a recipe is missing, not a file, or not valid YAML.
+def load_yaml(text: str) -> Any:
+    """Read YAML as LightningCLI reads recipes (jsonargparse's loader: YAML 1.2 numbers, so ``1e-4`` is a float).
+
+    Every part of a recipe goes through this one reader: the LightningCLI keys, the ``search:`` section and
+    ``--key=value`` overrides.
+
+    Example:
+        >>> load_yaml("lr: 1e-4\nsizes: [4, 8]")
+        {'lr': 0.0001, 'sizes': [4, 8]}
+    """
+    return get_loader("yaml")(text)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file, failing with the file, line and column when it is missing, not a file, or not valid YAML.
+
+    Returns:
+        The recipe as a dict (empty for an empty file).
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if it is a folder or its YAML does not parse.
+        ValueError: if it is a folder, its YAML does not parse, or it does not hold a mapping.
     """
-    import yaml
-
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(
-            f"recipe {path!r} does not exist. HINT: recipes live under recipes/, e.g. recipes/quickstart.yaml."
+            f"recipe {str(path)!r} does not exist. HINT: recipes live under recipes/, e.g. recipes/quickstart.yaml."
         )
     if not file.is_file():
-        raise ValueError(f"recipe {path!r} is not a file.")
+        raise ValueError(f"recipe {str(path)!r} is not a file.")
     try:
-        content = yaml.safe_load(file.read_text())
+        content = load_yaml(file.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"recipe {path!r} is not valid YAML{where}: {problem}.") from None
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}.") from None
     if content is not None and not isinstance(content, dict):
         raise ValueError(
-            f"recipe {path!r} must hold a mapping of keys (model:, data:, trainer:...), got a {type(content).__name__}."
+            f"recipe {str(path)!r} must hold a mapping of keys (model:, data:, trainer:...), got a"
+            f" {type(content).__name__}."
         )
-
-
-def _option_values(args: Sequence[str], option: str) -> list[str]:
-    """The values given to ``option`` on a command line (``--opt value`` and ``--opt=value``)."""
-    values = []
-    for i, arg in enumerate(args):
-        if arg == option and i + 1 < len(args):
-            values.append(args[i + 1])
-        elif arg.startswith(option + "="):
-            values.append(arg.split("=", 1)[1])
-    return values
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightning-opt`` console script; returns the exit code.
-
-    Bad input of any kind (an unknown key, a wrong value, a missing or unreadable checkpoint, an unwritable folder, a
-    technique that refuses the model at setup) ends with one message on stderr and exit code 2 (``SystemExit(2)``),
-    without a traceback (``--debug`` or ``LIGHTNING_OPT_DEBUG=1`` shows it); a run that fails before its first
-    training step leaves no run folder behind.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = debug_enabled(args)
-    args = [a for a in args if a != "--debug"]
-    LightningOptCLI.active = None
-    try:
-        for config_path in _option_values(args, "--config") + _option_values(args, "-c"):
-            check_recipe_file(config_path)
-        for ckpt_path in _option_values(args, "--ckpt_path") + _option_values(args, "--ckpt"):
-            if ckpt_path not in ("last", "best", "hpc", "registry"):
-                load_checkpoint(ckpt_path)  # LightningCLI reads it while parsing: check it first, with a clear error
-        if args and args[0] in EXTRA_COMMANDS:
-            module_name, _, function_name = EXTRA_COMMANDS[args[0]].partition(":")
-            function = getattr(importlib.import_module(module_name), function_name)
-            function(args[1:])
-            return 0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-            LightningOptCLI(args=args)
-        return 0
-    except Exception as err:
-        if debug or not is_user_error(err):
-            raise
-        command = f"lightning-opt {args[0]}" if args and not args[0].startswith("-") else "lightning-opt"
-        cli = LightningOptCLI.active
-        trained = cli is not None and getattr(cli, "trainer", None) is not None and cli.trainer.global_step > 0
-        removed = None if trained or cli is None else cli.remove_new_run_dir()
-        message = error_message(err)
-        sys.stderr.write(f"{command}: error: {message}\n")
-        if removed:
-            sys.stderr.write(f"(nothing was trained; removed the run folder {removed})\n")
-        sys.stderr.write("Run with --debug (or LIGHTNING_OPT_DEBUG=1) for the traceback.\n")
-        raise SystemExit(2) from None
-    finally:
-        LightningOptCLI.active = None
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return content or {}

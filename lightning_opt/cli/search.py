@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 
-from lightning_opt._utils import ConciseArgumentParser
+from lightning_opt._errors import ConciseArgumentParser
 
 __all__ = ["main"]
 
@@ -22,17 +21,17 @@ Rerunning a command resumes its study up to n_trials.
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str]) -> int:
     """Entry point of ``lightning-opt search``.
 
     Args:
         argv: Command-line arguments after ``search``.
 
     Returns:
-        0 when the search finished with at least one completed trial.
+        0 when the search finished with at least one completed trial, 1 when none completed.
 
     Raises:
-        SystemExit: With code 2 on bad input (nothing was run), 1 when no trial completed.
+        ValueError: On bad input (nothing was run): the recipe, its ``search:`` section, an override, the storage.
 
     Example:
         >>> main(["--config", "recipes/search/hpo_digits.yaml", "--search.n_trials=2"])  # doctest: +SKIP
@@ -46,20 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", "-c", required=True, help="recipe YAML with a `search:` section")
     parser.add_argument("--verbose", "-v", action="store_true", help="show each trial's Lightning output")
-    args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    args, overrides = parser.parse_known_args(list(argv))
 
-    from lightning_opt.search._runner import run_search
+    from lightning_opt.search import run_search
 
-    console = Console()
-    try:
-        result = run_search(args.config, overrides, verbose=args.verbose, console=console)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lightning-opt search: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if not result.best_trials:
-        raise SystemExit(1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result = run_search(args.config, overrides, verbose=args.verbose, console=Console())
+    return 0 if result.best_trials else 1

@@ -1,4 +1,4 @@
-"""``lightning-opt export``: checkpoint + recipe -> a deployable artifact (int8 ``.pt2`` or ONNX), measured.
+"""Checkpoint + recipe -> a deployable artifact (int8 ``.pt2`` or ONNX), measured (``lightning-opt export``).
 
 The recipe rebuilds the model and data exactly as training did; the checkpoint's weights are loaded (a QAT
 checkpoint gets its fake-quant structure rebuilt first). Then:
@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from lightning_opt import inputs
-from lightning_opt._utils import ConciseArgumentParser, load_checkpoint
+from lightning_opt._utils import load_checkpoint
 from lightning_opt.quantization import _artifact, _callback, _linear, _linear_callback, _onnx, _pt2e
+from lightning_opt.recipe import build_from_config
 
-__all__ = ["export_checkpoint", "main"]
+__all__ = ["FORMATS", "METHODS", "QUANTIZE", "export_checkpoint"]
 
 FORMATS = ("pt2", "onnx")
 QUANTIZE = ("int8", "none", *_linear.SCHEMES)
@@ -85,7 +86,7 @@ def export_checkpoint(
     """Build the recipe, load the checkpoint, write the artifact, measure it; returns the figures.
 
     Args:
-        config: recipe arguments for :func:`lightning_opt.cli.build_from_config` (``["--config", "r.yaml", ...]``).
+        config: recipe arguments for :func:`lightning_opt.recipe.build_from_config` (``["--config", "r.yaml", ...]``).
         ckpt_path: the Lightning checkpoint; None exports the freshly initialised model (for smoke tests).
         format: ``"pt2"`` or ``"onnx"``.
         quantize: ``"int8"`` (pt2e static or ONNX Runtime static), ``"none"``, or a torchao ``quantize_`` scheme for
@@ -105,8 +106,6 @@ def export_checkpoint(
         ValueError: for an unknown format/quantize/method, ``method="qat"`` on a checkpoint without QAT state.
         FileNotFoundError: when ``ckpt_path`` does not exist.
     """
-    from lightning_opt.cli import build_from_config
-
     _validate(format, quantize, method, calibration_batches, ckpt_path)
     cli = build_from_config(config)
     if quantize in _linear.SCHEMES:  # torchao quantize_ on the Linear layers (transformers): see _linear_callback
@@ -206,44 +205,3 @@ def export_checkpoint(
     figures["artifact"] = os.path.abspath(output)
     Path(output).with_suffix(Path(output).suffix + ".json").write_text(json.dumps(figures, indent=2))
     return figures
-
-
-def main(argv: list[str]) -> None:
-    """Command-line entry (``lightning-opt export ...``); unknown ``--key=value`` arguments go to the recipe."""
-    parser = ConciseArgumentParser(
-        prog="lightning-opt export",
-        description="Turn a checkpoint into an int8 .pt2 or ONNX artifact and measure it (accuracy, latency, bytes).",
-    )
-    parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable)")
-    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to export")
-    parser.add_argument("--format", default="pt2", choices=FORMATS)
-    parser.add_argument("--quantize", default="int8", choices=QUANTIZE)
-    parser.add_argument("--method", default="auto", choices=METHODS, help="int8 .pt2: QAT state or PTQ")
-    parser.add_argument("--module", default=None, help="attribute path to quantize (PTQ); default backbone")
-    parser.add_argument("--calibration_batches", type=int, default=10)
-    parser.add_argument("--output", default=None, help="artifact path (.pt2 / .onnx)")
-    parser.add_argument("--no_evaluate", action="store_true", help="skip the test-set accuracy")
-    parser.add_argument("--no_compile", action="store_true", help="run the .pt2 eagerly (reference int8 ops)")
-    parser.add_argument("--no_latency", action="store_true", help="skip timing")
-    parser.add_argument("--num_threads", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=1, help="rows of the timed input")
-    args, rest = parser.parse_known_args(argv)
-    config: list[str] = []
-    for path in args.config:
-        config += ["--config", path]
-    figures = export_checkpoint(
-        config + rest,
-        ckpt_path=args.ckpt_path,
-        format=args.format,
-        quantize=args.quantize,
-        method=args.method,
-        module=args.module,
-        calibration_batches=args.calibration_batches,
-        output=args.output,
-        evaluate=not args.no_evaluate,
-        compile=not args.no_compile,
-        latency=not args.no_latency,
-        num_threads=args.num_threads,
-        batch_size=args.batch_size,
-    )
-    print(json.dumps(figures, indent=2))
