@@ -10,6 +10,8 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_opt._io import atomic_write
+
 __all__ = ["StudentCheckpoint"]
 
 
@@ -89,7 +91,7 @@ class StudentCheckpoint(Callback):
         ]
         out = os.path.splitext(path)[0] + ".yaml"
         if trainer.is_global_zero:
-            with open(out, "w") as f:
+            with atomic_write(out) as f:
                 f.write(
                     f"# The student of {type(pl_module).__name__}, alone: {os.path.basename(path)} holds its weights.\n"
                 )

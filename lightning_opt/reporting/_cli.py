@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning_opt._io import check_output_dir
 from lightning_opt._utils import ConciseArgumentParser
 from lightning_opt.reporting._report import CompressionReport, format_report_markdown
 
@@ -30,6 +31,8 @@ def main(argv: Sequence[str]) -> dict:
     if not ckpt.is_file():
         parser.error(f"--ckpt {str(ckpt)!r} does not exist or is not a file.")
 
+    out = Path(args.output_dir or _default_output_dir(ckpt))
+    check_output_dir(out, "--output_dir")  # before the model is built and measured
     from lightning_opt.cli import build_from_config
 
     cli_args: list[str] = []
@@ -50,7 +53,6 @@ def main(argv: Sequence[str]) -> dict:
         model.load_state_dict(checkpoint["state_dict"])
         figures = report.measure(model, report.example(trainer, model))
     report.stages = {"checkpoint": figures}
-    out = Path(args.output_dir or _default_output_dir(ckpt))
     report.write(output_dir=out)
     print(format_report_markdown(report.stages))
     print(f"\nReport written to {out / 'report.json'} and {out / 'report.md'}")

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_write
 from lightning_opt._utils import local_log_dir
 from lightning_opt.measure import measure_model
 
@@ -255,10 +256,11 @@ class CompressionReport(Callback):
         elif trainer is not None:
             self.output_dir = Path(local_log_dir(trainer))
         assert self.output_dir is not None, "`write` needs a trainer or an output_dir"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         table = format_report_markdown(self.stages)
-        (self.output_dir / "report.json").write_text(json.dumps(self.to_dict(), indent=2))
-        (self.output_dir / "report.md").write_text(f"# Compression report\n\n{table}\n")
+        with atomic_write(self.output_dir / "report.json") as fh:
+            fh.write(json.dumps(self.to_dict(), indent=2))
+        with atomic_write(self.output_dir / "report.md") as fh:
+            fh.write(f"# Compression report\n\n{table}\n")
         if trainer is not None:
             step = trainer.global_step
             scalars = {
