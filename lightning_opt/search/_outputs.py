@@ -266,11 +266,11 @@ def write_outputs(
             result.best_trials = [min(completed, key=lambda t: sign * t.values[0])]
     front_numbers = {t.number for t in result.best_trials}
 
-    for old in run_dir.glob("best*.yaml"):
-        old.unlink(missing_ok=True)
     for i, t in enumerate(result.best_trials):
         name = "best.yaml" if i == 0 else f"best_trial_{t.number:04d}.yaml"
         result.best_configs.append(_best_yaml(run_dir / name, t, config, recipe))
+    for old in set(run_dir.glob("best*.yaml")) - set(result.best_configs):  # replaced, then stale ones removed
+        old.unlink(missing_ok=True)
 
     header, csv_rows = _rows(every, config, front_numbers)  # a dead worker's trial too, with why it failed
     counted = {t.number for t in trials}
