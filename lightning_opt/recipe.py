@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_opt._errors import debug_enabled
+from lightning_opt._io import check_trainer_output_dirs, use_atomic_checkpoints
 from lightning_opt._utils import load_checkpoint, local_log_dir
 from lightning_opt.reporting import CompressionReport
 
@@ -216,6 +217,10 @@ class LightningOptCLI(LightningCLI):
             parser = self._parser(self.subcommand)
             parser.error(f"invalid configuration: {concise_message(str(err))}")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The recipe's trainer, writing its checkpoints atomically (:class:`lightning_opt._io.AtomicCheckpointIO`)."""
+        return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
+
     #: The CLI whose subcommand is running (its run folder is removed when it fails before training).
     active: LightningOptCLI | None = None
 
@@ -224,6 +229,7 @@ class LightningOptCLI(LightningCLI):
         LightningOptCLI.active = self
         run_dir = Path(local_log_dir(self.trainer)).resolve()
         self.new_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        check_trainer_output_dirs(self.trainer)  # an unwritable folder fails now, naming its key, not after an epoch
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):

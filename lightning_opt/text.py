@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_opt._io import atomic_path
 from lightning_opt._utils import local_log_dir
 from lightning_opt.data import InMemoryDataModule
 
@@ -200,8 +201,8 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(path))
+        with atomic_path(path) as tmp:
+            self.tokenizer.save(str(tmp))
 
     @property
     def vocab_size(self) -> int:

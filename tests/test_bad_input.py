@@ -119,6 +119,48 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("export missing ckpt", ["export", "--config", QAT, "--ckpt_path", "{tmp}/none.ckpt"], ["none.ckpt"]),
     ("export bad batches", ["export", "--config", QAT, "--calibration_batches", "x"], ["calibration_batches", "x"]),
     ("unknown command", ["fitt", "--config", QUICK], ["fitt"]),
+    # --- output folders that cannot be written: found before anything is built or trained. A folder under a regular
+    # file ({tmp}/text.ckpt/...) cannot be created even by root, whom permission bits do not stop.
+    (
+        "root dir under a file",
+        ["fit", "--config", QUICK, *SMALL, "--trainer.default_root_dir={tmp}/text.ckpt/out"],
+        ["trainer.default_root_dir", "text.ckpt/out", "a file is in the way"],
+    ),
+    (
+        "root dir is a file",
+        ["fit", "--config", QUICK, *SMALL, "--trainer.default_root_dir={tmp}/text.ckpt"],
+        ["trainer.default_root_dir", "text.ckpt"],
+    ),
+    (
+        "logger dir under a file",
+        ["fit", "--config", QUICK, *SMALL, "--trainer.logger.init_args.save_dir={tmp}/text.ckpt/runs"],
+        ["trainer.logger.init_args.save_dir", "text.ckpt/runs"],
+    ),
+    (
+        "checkpoint dir under a file",
+        ["fit", "--config", QUICK, *SMALL, "--config", "{tmp}/ckpt_dir.yaml"],
+        ["ModelCheckpoint", "dirpath", "text.ckpt/ckpts"],
+    ),
+    (
+        "search run_dir under a file",
+        ["search", "--config", HPO, "--search.run_dir={tmp}/text.ckpt/search"],
+        ["search.run_dir", "text.ckpt/search"],
+    ),
+    (
+        "search storage under a file",
+        ["search", "--config", HPO, "--search.storage=sqlite:///{tmp}/text.ckpt/study.db"],
+        ["search.storage", "text.ckpt"],
+    ),
+    (
+        "report output under a file",
+        ["report", "--ckpt_path", "{tmp}/good.ckpt", "--config", QUICK, "--output_dir", "{tmp}/text.ckpt/out"],
+        ["--output_dir", "text.ckpt/out"],
+    ),
+    (
+        "export output under a file",
+        ["export", "--config", QAT, "--output", "{tmp}/text.ckpt/model.int8.pt2"],
+        ["output", "text.ckpt"],
+    ),
 ]
 
 
@@ -137,6 +179,10 @@ def _fixtures(folder: Path) -> None:
         (folder / f"qat_{name}.yaml").write_text(qat + f"      init_args:\n        {args}\n")
     (folder / "qat_key.yaml").write_text(qat + "      init_args:\n        strat: 0.5\n")
     (folder / "text.ckpt").write_text("not a checkpoint")
+    (folder / "ckpt_dir.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        f"      init_args:\n        dirpath: {folder / 'text.ckpt' / 'ckpts'}\n"
+    )
     (folder / "folder").mkdir()
     torch.save({"state_dict": {"w": torch.zeros(2)}}, folder / "good.ckpt")
     (folder / "trunc.ckpt").write_bytes((folder / "good.ckpt").read_bytes()[:200])

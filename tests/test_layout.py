@@ -55,7 +55,7 @@ def _unit(module: str) -> str:
 
 
 #: The package-wide helpers: private to ``lightning_opt``, shared by all its modules.
-SHARED = ("lightning_opt._utils", "lightning_opt._errors")
+SHARED = ("lightning_opt._utils", "lightning_opt._errors", "lightning_opt._io")
 
 
 GRAPH = _imports()

@@ -40,6 +40,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no_test", action="store_true", help="Skip evaluating the test metric.")
     args, overrides = parser.parse_known_args(list(argv))
 
+    from lightning_opt._io import check_output_dir
     from lightning_opt._utils import load_checkpoint
     from lightning_opt.recipe import build_from_config
     from lightning_opt.reporting import CompressionReport, format_report_markdown
@@ -47,6 +48,7 @@ def main(argv: Sequence[str]) -> int:
     ckpt = Path(args.ckpt_path)
     checkpoint = load_checkpoint(ckpt)  # weights-only, one clear error for a missing or unreadable file
     out = Path(args.output_dir) if args.output_dir else _default_output_dir(ckpt)
+    check_output_dir(out, "--output_dir")  # before the model is built and measured
     cli_args: list[str] = []
     for config in args.config:
         cli_args += ["--config", config]

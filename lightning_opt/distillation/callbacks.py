@@ -11,6 +11,7 @@ from jsonargparse import get_loader
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_opt._io import atomic_write
 from lightning_opt._utils import find_callback
 
 __all__ = ["StudentCheckpoint"]
@@ -98,7 +99,7 @@ class StudentCheckpoint(Callback):
         ]
         out = os.path.splitext(path)[0] + ".yaml"
         if trainer.is_global_zero:
-            with open(out, "w") as f:
+            with atomic_write(out) as f:
                 f.write(
                     f"# The student of {type(pl_module).__name__}, alone: {os.path.basename(path)} holds its weights.\n"
                 )

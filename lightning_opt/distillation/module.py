@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_opt import inputs
+from lightning_opt._io import AtomicCheckpointIO, atomic_save
 from lightning_opt.data import UNLABELED
 from lightning_opt.distillation._teacher import freeze, load_teacher
 from lightning_opt.distillation.losses import (
@@ -626,14 +628,12 @@ class DistillationModule(LightningModule):
         if trainer is not None:
             full = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         ckpt = self.student_checkpoint(full)
+        if trainer is not None and type(trainer.strategy.checkpoint_io) not in (TorchCheckpointIO, AtomicCheckpointIO):
+            trainer.strategy.save_checkpoint(ckpt, path)  # the user's own checkpoint plugin (remote, async)
+        elif trainer is None or trainer.is_global_zero:
+            atomic_save(ckpt, path)
         if trainer is not None:
-            trainer.strategy.save_checkpoint(ckpt, path)
             trainer.strategy.barrier("export_student")
-        else:
-            import os
-
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            torch.save(ckpt, path)
         return path
 
 

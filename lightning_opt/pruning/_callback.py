@@ -713,8 +713,7 @@ class Pruning(Callback):
     @rank_zero_only
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = Path(local_log_dir(trainer)) / "pruned_model.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_pruned(pl_module, path)
+        save_pruned(pl_module, path)  # atomic; makes the folder
         self.pruned_model_path = str(path)
 
     @rank_zero_only

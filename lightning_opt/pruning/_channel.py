@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_save
 from lightning_opt._utils import detached_copy
 from lightning_opt.pruning._attention import (
     TPConfig,
@@ -469,11 +469,8 @@ def save_pruned(model: nn.Module, path: str | Path) -> None:
         >>> load_pruned(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), p)[1].in_features
         2
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
     payload = {"format": _PRUNED_FORMAT, "state_dict": model.state_dict(), STRUCTURE_KEY: pruned_structure(model)}
-    torch.save(payload, tmp)
-    os.replace(tmp, target)
+    atomic_save(payload, path)
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:

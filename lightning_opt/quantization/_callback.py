@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_write
 from lightning_opt._utils import local_log_dir
 from lightning_opt.pruning import Pruning, Remasker
 from lightning_opt.quantization import _artifact, _linear_callback, _pt2e
@@ -409,7 +410,8 @@ class _Int8Callback(Callback):
         figures["size_bytes"] = size
         figures["artifact"] = os.path.abspath(file)
         self.results = figures
-        Path(file).with_suffix(".json").write_text(json.dumps(figures, indent=2))
+        with atomic_write(Path(file).with_suffix(".json")) as fh:
+            fh.write(json.dumps(figures, indent=2))
         if report is not None:
             report.add_stage(self.stage_name, figures)
         scalars = {

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_path, atomic_save
 from lightning_opt.measure import measure_latency, saved_size_bytes
 from lightning_opt.quantization import _pt2e
 
@@ -367,9 +368,8 @@ def save_state(model: nn.Module, path: str | os.PathLike[str], scheme: str, laye
         scheme: the scheme it was quantized with.
         layers: the quantized module names (the return value of :func:`quantize` / :func:`convert_qat`).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     linearized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    torch.save(
+    atomic_save(
         {
             "format": _STATE_FORMAT,
             "scheme": validate_scheme(scheme),
@@ -439,8 +439,8 @@ def export(model: nn.Module, example: Any) -> torch.export.ExportedProgram:
 def save_artifact(model: nn.Module, example: Any, path: str | os.PathLike[str]) -> int:
     """Export the quantized model (:func:`export`) and save it as a self-contained ``.pt2``; returns its bytes."""
     program = export(model, example)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    torch.export.save(program, path)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp)
     return os.path.getsize(path)
 
 

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_write
 from lightning_opt._utils import load_checkpoint, local_log_dir
 from lightning_opt.measure import saved_size_bytes
 from lightning_opt.quantization import _linear
@@ -206,7 +207,8 @@ class LinearStage:
         )
         figures["artifact"] = os.path.abspath(file)
         self.results = figures
-        Path(file).with_suffix(".json").write_text(json.dumps(figures, indent=2))
+        with atomic_write(Path(file).with_suffix(".json")) as fh:
+            fh.write(json.dumps(figures, indent=2))
         report = CompressionReport.find(trainer)
         if report is not None:
             report.add_stage(self.stage_name, figures)
@@ -352,7 +354,8 @@ def export_checkpoint(
     figures.update(
         write_and_measure(model, path, int8, fp32, example, output, compile, latency, num_threads, batch_size)
     )
-    Path(output).with_suffix(".pt2.json").write_text(json.dumps(figures, indent=2))
+    with atomic_write(Path(output).with_suffix(".pt2.json")) as fh:
+        fh.write(json.dumps(figures, indent=2))
     return figures
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_path
 from lightning_opt.quantization import _pt2e
 
 __all__ = ["OnnxRuntimeModel", "export_onnx", "quantize_onnx"]
@@ -39,7 +40,6 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike[str]) ->
     model = model.eval()
     x = _pt2e._as_batch(example)
     args, kwargs = inputs.call_args(x)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         _pt2e.capture(model, x)  # the exporter's first step, with a readable failure naming the layer
     except Exception as err:
@@ -48,11 +48,11 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike[str]) ->
             f"Cannot export to ONNX: `{where or '<root>'}` ({cls_name}) cannot be captured by torch.export: {detail}. "
             "HINT: export an exportable part of the model (`module=`), or rewrite the failing op in tensor ops."
         ) from err
-    with torch.no_grad(), _pt2e._no_kv_cache(model):
+    with torch.no_grad(), _pt2e._no_kv_cache(model), atomic_path(path) as tmp:
         torch.onnx.export(
             model,
             args,
-            str(path),
+            str(tmp),
             kwargs=kwargs or None,
             dynamo=True,
             input_names=inputs.input_names(x),
@@ -123,16 +123,17 @@ def quantize_onnx(
         pre = os.path.join(tmp, "pre.onnx")
         quant_pre_process(str(fp32_path), pre)
         names = [i.name for i in onnx.load(pre, load_external_data=False).graph.input]
-        quantize_static(
-            pre,
-            str(int8_path),
-            Reader(calibration, num_batches, names),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        with atomic_path(int8_path) as tmp_int8:
+            quantize_static(
+                pre,
+                str(tmp_int8),
+                Reader(calibration, num_batches, names),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
     return os.path.getsize(int8_path)
 
 

@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_path
 from lightning_opt._utils import detached_copy
 
 SUPPORTED_DTYPES = ("int8",)
@@ -961,8 +962,8 @@ def export_artifact(model: nn.Module, example: Any) -> torch.export.ExportedProg
 def save_artifact(model: nn.Module, example: Any, path: str | os.PathLike[str]) -> int:
     """Export and save as a ``.pt2`` file; returns its size in bytes."""
     program = export_artifact(model, example)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.export.save(program, path)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp)
     return os.path.getsize(path)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_write, check_output_dir
 from lightning_opt._utils import load_checkpoint
 from lightning_opt.quantization import _artifact, _callback, _linear, _linear_callback, _onnx, _pt2e
 from lightning_opt.recipe import build_from_config
@@ -107,6 +108,7 @@ def export_checkpoint(
         FileNotFoundError: when ``ckpt_path`` does not exist.
     """
     _validate(format, quantize, method, calibration_batches, ckpt_path)
+    check_output_dir(Path(output).parent if output else Path(ckpt_path or ".").parent, "output")
     cli = build_from_config(config)
     if quantize in _linear.SCHEMES:  # torchao quantize_ on the Linear layers (transformers): see _linear_callback
         return _linear_callback.export_checkpoint(
@@ -203,5 +205,6 @@ def export_checkpoint(
             )
     figures["size_bytes"] = size
     figures["artifact"] = os.path.abspath(output)
-    Path(output).with_suffix(Path(output).suffix + ".json").write_text(json.dumps(figures, indent=2))
+    with atomic_write(Path(output).with_suffix(Path(output).suffix + ".json")) as fh:
+        fh.write(json.dumps(figures, indent=2))
     return figures

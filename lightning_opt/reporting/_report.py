@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_opt import inputs
+from lightning_opt._io import atomic_write
 from lightning_opt._utils import find_callback, local_log_dir
 from lightning_opt.measure import measure_model
 
@@ -276,12 +277,13 @@ class CompressionReport(Callback):
         elif trainer is not None:
             self.output_dir = Path(local_log_dir(trainer))
         assert self.output_dir is not None, "`write` needs a trainer or an output_dir"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         stages = _relative_paths(self.stages, self.output_dir)
         table = format_report_markdown(stages)
         files = {"json": self.output_dir / f"{name}.json", "markdown": self.output_dir / f"{name}.md"}
-        files["json"].write_text(json.dumps({**self.to_dict(), "stages": stages}, indent=2))
-        files["markdown"].write_text(f"# Compression report\n\n{table}\n")
+        with atomic_write(files["json"]) as fh:
+            fh.write(json.dumps({**self.to_dict(), "stages": stages}, indent=2))
+        with atomic_write(files["markdown"]) as fh:
+            fh.write(f"# Compression report\n\n{table}\n")
         self.artifacts = {"report": str(files["markdown"])}
         if trainer is not None:
             step = trainer.global_step

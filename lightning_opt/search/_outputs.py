@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
+from lightning_opt._io import atomic_path, atomic_write
 from lightning_opt.search._results import SearchResult, counted_trials
 from lightning_opt.search._space import SearchSpace
 from lightning_opt.search._spec import SearchConfig
@@ -115,15 +116,9 @@ def _best_yaml(path: Path, trial: FrozenTrial, config: SearchConfig, recipe: dic
         f"# Searched values: {json.dumps(values)}\n"
         f"# Run: lightning-opt fit --config {path}\n"
     )
-    _atomic_write(path, lambda tmp: tmp.write_text(header + yaml.safe_dump(best, sort_keys=False)))
+    with atomic_write(path) as fh:
+        fh.write(header + yaml.safe_dump(best, sort_keys=False))
     return path
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` then rename onto ``path``: workers finishing together never interleave a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _plot_history(trials: list[FrozenTrial], config: SearchConfig) -> Any:
@@ -271,34 +266,33 @@ def write_outputs(
             result.best_trials = [min(completed, key=lambda t: sign * t.values[0])]
     front_numbers = {t.number for t in result.best_trials}
 
-    for old in run_dir.glob("best*.yaml"):
-        old.unlink(missing_ok=True)
     for i, t in enumerate(result.best_trials):
         name = "best.yaml" if i == 0 else f"best_trial_{t.number:04d}.yaml"
         result.best_configs.append(_best_yaml(run_dir / name, t, config, recipe))
+    for old in set(run_dir.glob("best*.yaml")) - set(result.best_configs):  # replaced, then stale ones removed
+        old.unlink(missing_ok=True)
 
     header, csv_rows = _rows(every, config, front_numbers)  # a dead worker's trial too, with why it failed
     counted = {t.number for t in trials}
     rows = [row for row in csv_rows if row["number"] in counted]
     csv_path = run_dir / "trials.csv"
 
-    def write_csv(tmp: Path) -> None:
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(csv_rows)
-
-    _atomic_write(csv_path, write_csv)
+    with atomic_write(csv_path, newline="") as fh:  # workers finishing together never interleave a file
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(csv_rows)
     result.files["csv"] = csv_path
 
     figures: dict[str, Any] = {}
     if completed:
         figures["history"] = _plot_history(trials, config)
-        _atomic_write(run_dir / "history.png", lambda tmp: figures["history"].savefig(tmp, format="png"))
+        with atomic_path(run_dir / "history.png") as tmp:
+            figures["history"].savefig(tmp, format="png")
         result.files["history_png"] = run_dir / "history.png"
         if multi:
             figures["pareto_front"] = _plot_pareto(trials, result.best_trials, config)
-            _atomic_write(run_dir / "pareto.png", lambda tmp: figures["pareto_front"].savefig(tmp, format="png"))
+            with atomic_path(run_dir / "pareto.png") as tmp:
+                figures["pareto_front"].savefig(tmp, format="png")
             result.files["pareto_png"] = run_dir / "pareto.png"
     if trials:
         result.files["tensorboard"] = _tensorboard(trials, config, figures, run_dir)

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from lightning_opt._io import atomic_write, check_output_dir
 from lightning_opt.measure import measure_model
 from lightning_opt.recipe import build_from_config, load_recipe, load_yaml
 from lightning_opt.search._callbacks import ObjectiveNotLoggedError, TrialCallback
@@ -281,8 +282,8 @@ class _Search:
 
     @staticmethod
     def _write(path: Path, config: dict[str, Any], header: str = "") -> list[str]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False))
+        with atomic_write(path) as fh:
+            fh.write(header + yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False))
         return ["--config", str(path)]
 
     def _over_budget(self, trial: optuna.Trial) -> bool:
@@ -471,6 +472,9 @@ def run_search(
     """
     console = console or Console()
     recipe, cfg = load_search_recipe(config, overrides)
+    check_output_dir(cfg.run_dir, "search.run_dir")  # before anything is built or written
+    if cfg.storage_url.startswith("sqlite:///"):
+        check_output_dir(Path(cfg.storage_url[len("sqlite:///") :]).parent, "search.storage")
     search = _Search(recipe, cfg, verbose, console)
     optuna_level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
