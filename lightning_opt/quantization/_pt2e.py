@@ -26,6 +26,7 @@ from torch import nn
 from lightning_opt import inputs
 from lightning_opt._io import atomic_path
 from lightning_opt._utils import detached_copy
+from lightning_opt.quantization import _torchao
 
 SUPPORTED_DTYPES = ("int8",)
 SUPPORTED_WEIGHT_SCHEMES = ("per_channel_symmetric",)
@@ -406,7 +407,7 @@ def prepare(module: nn.Module, spec: QuantSpec, example: Any = None) -> torch.fx
     Its ``train()``/``eval()`` switch BatchNorm and dropout inside the graph (see :func:`set_graph_mode`).
     In QAT mode fake-quant and observers start *disabled* (fp32 warm-up); switch them with :func:`set_phase`.
     QAT conv-BatchNorm pairs keep each BatchNorm's own ``eps`` and stay finite when a BatchNorm weight is zero
-    (see :func:`_patch_qat_conv_bn`), so the prepared graph computes what the fp32 model computes before training.
+    (``_torchao.patch_qat_conv_bn``), so the prepared graph computes what the fp32 model computes before training.
 
     Args:
         module: the fp32 module.
@@ -415,6 +416,7 @@ def prepare(module: nn.Module, spec: QuantSpec, example: Any = None) -> torch.fx
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
+    _torchao.check_torchao_version()
     if spec.mode not in ("qat", "ptq"):
         raise ValueError(f"`mode` must be 'qat' or 'ptq', got {spec.mode!r}.")
     example = spec.example_input() if example is None else example
@@ -425,10 +427,10 @@ def prepare(module: nn.Module, spec: QuantSpec, example: Any = None) -> torch.fx
     finally:
         module.train(training)
     quantizer = build_quantizer(spec)
-    eps = _bn_eps(graph)
+    eps = _torchao.bn_eps(graph)
     prepared = prepare_qat_pt2e(graph, quantizer) if spec.mode == "qat" else prepare_pt2e(graph, quantizer)
     if spec.mode == "qat":
-        _patch_qat_conv_bn(prepared, eps)
+        _torchao.patch_qat_conv_bn(prepared, eps)
     prepared.meta[_META_KEY] = {
         "spec": spec.to_dict(),
         "training": spec.mode == "qat",
@@ -443,89 +445,6 @@ def prepare(module: nn.Module, spec: QuantSpec, example: Any = None) -> torch.fx
     else:
         prepared.eval()
     return prepared
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# torchao's QAT conv-BatchNorm patterns: the one place that works around its internals
-# --------------------------------------------------------------------------------------------------------------------
-
-#: The BatchNorm eps torchao's QAT conv-bn patterns hard-code (``qat_utils._get_qat_conv_bn_pattern``, "TODO: allow
-#: setting eps") in torchao <= 0.18. A later torchao that honours the model's eps leaves nothing to patch here.
-_TORCHAO_QAT_BN_EPS = 1e-5
-_SAFE_GAMMA = "lightning_opt_safe_gamma"
-
-
-def _is_attr(node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
-
-
-def _bn_eps(graph: torch.fx.GraphModule) -> dict[str, float]:
-    """``{running_var attribute: eps}`` of every BatchNorm of a captured graph (before torchao rewrites it)."""
-    return {
-        str(node.args[4].target): float(node.args[7])
-        for node in graph.graph.nodes
-        if node.op == "call_function" and node.target in _BN_TARGETS and _is_attr(node.args[4])
-    }
-
-
-def _patch_qat_conv_bn(graph: torch.fx.GraphModule, eps: dict[str, float]) -> None:
-    """Make torchao's fused QAT conv-bn subgraphs compute the fp32 model: real eps, finite with a zero BN weight.
-
-    torchao replaces ``conv -> batch_norm`` by ``conv(x, w * g/std) / (g/std) + b -> batch_norm`` with
-    ``std = sqrt(running_var + 1e-5)`` and ``batch_norm(eps=1e-5)`` whatever the model's eps (MobileNetV3 uses 1e-3),
-    and with a BatchNorm weight ``g == 0`` (zero-initialised residual branches) the division is ``0 / 0 = NaN``.
-    Here each ``add(running_var, 1e-5)`` and ``batch_norm`` gets its BatchNorm's eps back, and the scale factor uses
-    ``g`` where ``g != 0`` and 1 elsewhere (the batch_norm still multiplies by the real ``g``, so the output is the
-    same and ``g`` gets its gradient). :func:`_unpatch_qat_conv_bn` removes the zero guard before ``convert_pt2e``
-    folds the pattern (which matches literals loosely, so the eps values stay).
-    """
-    aten = torch.ops.aten
-    changed = False
-    for node in list(graph.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _BN_TARGETS and _is_attr(node.args[4]):
-            wanted = eps.get(str(node.args[4].target))
-            if wanted is not None and node.args[7] != wanted:
-                node.args = (*node.args[:7], wanted, *node.args[8:])
-                changed = True
-        elif (
-            node.target is aten.add.Tensor
-            and _is_attr(node.args[0])
-            and str(node.args[0].target) in eps
-            and node.args[1] == _TORCHAO_QAT_BN_EPS
-        ):
-            node.args = (node.args[0], eps[str(node.args[0].target)])
-            changed = True
-        elif (
-            node.target is aten.div.Tensor
-            and _is_attr(node.args[0])
-            and isinstance(node.args[1], torch.fx.Node)
-            and node.args[1].target is aten.sqrt.default
-        ):
-            gamma = node.args[0]
-            with graph.graph.inserting_before(node):
-                is_zero = graph.graph.call_function(aten.eq.Scalar, (gamma, 0.0))
-                safe = graph.graph.call_function(aten.masked_fill.Scalar, (gamma, is_zero, 1.0))
-            for new in (is_zero, safe):
-                new.meta = {**gamma.meta, _SAFE_GAMMA: True}
-            node.args = (safe, node.args[1])
-            changed = True
-    if changed:
-        graph.recompile()
-
-
-def _unpatch_qat_conv_bn(graph: torch.fx.GraphModule) -> None:
-    """Remove the zero-weight guards of :func:`_patch_qat_conv_bn` so that torchao's conv-bn fold matches."""
-    guards = [n for n in graph.graph.nodes if n.meta.get(_SAFE_GAMMA) and n.target is torch.ops.aten.masked_fill.Scalar]
-    for safe in guards:
-        is_zero = safe.args[1]
-        safe.replace_all_uses_with(safe.args[0])
-        graph.graph.erase_node(safe)
-        if isinstance(is_zero, torch.fx.Node) and not is_zero.users:
-            graph.graph.erase_node(is_zero)
-    if guards:
-        graph.recompile()
 
 
 def quantized_weight_layers(graph: torch.fx.GraphModule) -> list[str]:
@@ -737,39 +656,6 @@ def set_phase(graph: torch.fx.GraphModule, fake_quant: bool, observers: bool) ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _fast_conv_bn_fold(graph: torch.fx.GraphModule) -> Iterator[None]:
-    """Skip torchao's conv-bn fold for conv flavours absent from the graph.
-
-    ``convert_pt2e`` re-traces 96 pattern variants (conv1d/2d/transposed, with and without bias/relu...) even when
-    the graph holds only conv2d; each trace is a full ``torch.export``. Patterns of an absent conv type cannot
-    match, so skipping them changes nothing but the time (about 4x less here).
-    """
-    import torch.nn.functional as F
-    from torchao.quantization.pt2e import qat_utils
-
-    present = {node.target for node in graph.graph.nodes if node.op == "call_function"}
-    aten = torch.ops.aten
-    needed = {
-        F.conv1d: aten.conv1d.default in present,
-        F.conv2d: aten.conv2d.default in present,
-        F.conv_transpose1d: aten.conv_transpose1d.default in present,
-        F.conv_transpose2d: aten.conv_transpose2d.input in present,
-    }
-    original = qat_utils._fold_conv_bn_qat_helper
-
-    def helper(m: Any, conv_fn: Any, example_inputs: Any, is_cuda: bool) -> Any:
-        if not needed.get(conv_fn, True):
-            return m
-        return original(m, conv_fn, example_inputs, is_cuda=is_cuda)
-
-    qat_utils._fold_conv_bn_qat_helper = helper
-    try:
-        yield
-    finally:
-        qat_utils._fold_conv_bn_qat_helper = original
-
-
 def unobserved(graph: nn.Module) -> list[str]:
     """Names of quantizers that never saw data (their ranges are still +-inf): conversion would fail on them."""
     names = []
@@ -821,8 +707,8 @@ def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for module in _fake_quant_modules(work):
         module.observer_enabled.fill_(0)
         module.fake_quant_enabled.fill_(1)
-    _unpatch_qat_conv_bn(work)
-    with _fast_conv_bn_fold(work):
+    _torchao.unpatch_qat_conv_bn(work)
+    with _torchao.fast_conv_bn_fold(work):
         converted = convert_pt2e(work)
     strip_dropout(converted)
     drop_unused_tensors(converted)

@@ -35,7 +35,7 @@ def test_init_rejects_bad_arguments():
         QuantizationAwareTraining(activation_scheme="per_channel_affine")
     with pytest.raises(ValueError, match=r"`start` must be in \[0.0, 1.0\].*got 1.5"):
         QuantizationAwareTraining(start=1.5)
-    with pytest.raises(ValueError, match="`freeze_bn` must be a step >= 0, got -1"):
+    with pytest.raises(ValueError, match="`freeze_bn` must be >= 0 when given in steps, got -1"):
         QuantizationAwareTraining(freeze_bn=-1)
     with pytest.raises(ValueError, match="`skip` must be a list"):
         QuantizationAwareTraining(skip="head")
