@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -49,5 +50,5 @@ def main(argv: Sequence[str]) -> int:
 
     from lightning_opt.search import run_search
 
-    result = run_search(args.config, overrides, verbose=args.verbose, console=Console())
+    result = run_search(args.config, overrides, verbose=args.verbose, console=Console(file=sys.stdout))
     return 0 if result.best_trials else 1

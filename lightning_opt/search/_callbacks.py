@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-__all__ = ["NonFiniteLossError", "ObjectiveNotLoggedError", "TrialCallback"]
+__all__ = ["NonFiniteLossError", "ObjectiveNotLoggedError", "TrialCallback", "TrialProgress"]
 
 
 class ObjectiveNotLoggedError(KeyError):
@@ -90,3 +91,62 @@ class TrialCallback(Callback):
             raise optuna.TrialPruned(
                 f"pruned after validation {step} (global step {trainer.global_step}) with {self.monitor}={value:.6g}"
             )
+
+
+class TrialProgress(Callback):
+    """Shows the running trial's training progress (optimizer steps, epoch, last validation) as a progress bar line.
+
+    The search's console shows one line per running trial under the trials bar; updates are throttled to a few per
+    second so that the display costs nothing measurable.
+
+    Args:
+        progress: The search's :class:`rich.progress.Progress`.
+        description: The line's label (``"trial 3"``).
+        monitor: A logged metric to show after each validation (``None``: none).
+    """
+
+    def __init__(self, progress: Any, description: str, monitor: str | None = None) -> None:
+        self.progress = progress
+        self.description = description
+        self.monitor = monitor
+        self.task: Any = None
+        self._last = 0.0
+
+    def _update(self, trainer: pl.Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.task is None or (not force and now - self._last < 0.25):
+            return
+        self._last = now
+        total = trainer.estimated_stepping_batches
+        text = f"{self.description}: epoch {trainer.current_epoch}"
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        if value is not None and getattr(value, "numel", lambda: 1)() == 1:
+            text += f", {self.monitor}={float(value):.4g}"
+        self.progress.update(
+            self.task,
+            completed=trainer.global_step,
+            total=total if math.isfinite(total) else None,
+            description=text,
+        )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.task = self.progress.add_task(self.description, total=None, study="")
+        self._update(trainer, force=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._update(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, force=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None

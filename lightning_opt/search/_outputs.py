@@ -314,8 +314,13 @@ def _print_summary(
         f"study {config.study_name!r}: {len(trials)} trials ({counts['COMPLETE']} complete, {counts['PRUNED']} pruned,"
         f" {counts['FAIL']} failed)"
     )
-    table = Table(title=title, show_lines=False)
-    table.add_column("#", justify="right")
+    arrows = " ".join(
+        f"{name} {'↑' if obj.direction == 'maximize' else '↓'} ({obj.direction}d)"
+        for name, obj in zip(names, config.objectives)
+    )
+    caption = f"{arrows}; train steps and wall time (s) per trial; searched keys by their last part"
+    table = Table(title=title, caption=caption, show_lines=False)
+    table.add_column("trial", justify="right")
     table.add_column("state", no_wrap=True)
     for name, obj in zip(names, config.objectives):
         table.add_column(f"{name} {'↑' if obj.direction == 'maximize' else '↓'}", justify="right")
@@ -326,8 +331,8 @@ def _print_summary(
     }
     for key in config.space.keys:
         table.add_column(short[key], overflow="fold")
-    table.add_column("steps", justify="right")
-    table.add_column("s", justify="right")
+    table.add_column("train steps", justify="right")
+    table.add_column("time (s)", justify="right")
     table.add_column("note", overflow="fold")
     best = {t.number for t in result.best_trials}
     signs = [1.0 if d == "minimize" else -1.0 for d in config.directions]

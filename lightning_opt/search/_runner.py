@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from lightning_opt._io import atomic_write, check_output_dir
 from lightning_opt.measure import measure_model
 from lightning_opt.recipe import build_from_config, load_recipe, load_yaml
-from lightning_opt.search._callbacks import ObjectiveNotLoggedError, TrialCallback
+from lightning_opt.search._callbacks import ObjectiveNotLoggedError, TrialCallback, TrialProgress
 from lightning_opt.search._outputs import write_outputs
 from lightning_opt.search._results import SearchResult, counted_trials
 from lightning_opt.search._space import SearchSpace, flatten_keys, set_path, suggest_keys
@@ -182,6 +183,7 @@ class _Search:
         self.monitor = names[0] if config.pruner != "none" else None
         self.abort: BaseException | None = None
         self.last_number: int | None = None
+        self.progress: Progress | None = None  # the console's bars while the loop runs
 
     # -------------------------------------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -316,8 +318,10 @@ class _Search:
                 cli = _build(args, "the trial's config")
                 trial.set_user_attr("build_seconds", round(time.perf_counter() - build_start, 4))
                 trainer, model = cli.trainer, cli.model
-                callback = TrialCallback(trial, monitor=self.monitor)
-                trainer.callbacks.append(callback)
+                trainer.callbacks.append(TrialCallback(trial, monitor=self.monitor))
+                if self.progress is not None:
+                    monitor = self.monitor or cfg.objectives[0].name
+                    trainer.callbacks.append(TrialProgress(self.progress, f"trial {trial.number}", monitor))
                 fit_start = time.perf_counter()
                 try:
                     trainer.fit(model, datamodule=cli.datamodule)
@@ -401,6 +405,7 @@ class _Search:
             console=self.console,
             transient=False,
         )
+        self.progress = progress
         with progress:
             finished, _, _ = self.budget(study)
             task = progress.add_task(self.describe_best(study), total=n_total, completed=finished, study=cfg.study_name)
@@ -470,7 +475,7 @@ def run_search(
         >>> result.best_configs[0].name  # doctest: +SKIP
         'best.yaml'
     """
-    console = console or Console()
+    console = console or Console(file=sys.stdout)  # bound now: trials silence sys.stdout while they train
     recipe, cfg = load_search_recipe(config, overrides)
     check_output_dir(cfg.run_dir, "search.run_dir")  # before anything is built or written
     if cfg.storage_url.startswith("sqlite:///"):

@@ -309,3 +309,12 @@ def test_recipe_numbers_are_read_as_lightningcli_reads_them(make_recipe) -> None
     param = next(p for p in config.space.params if p.key == "model.init_args.optimizer.init_args.lr")
     assert (param.low, param.high) == (1e-4, 1e-2)
     assert config.timeout == 1000.0
+
+
+def test_console_shows_progress_inside_a_trial_and_a_labelled_summary(make_recipe) -> None:
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    run_search(make_recipe(), console=console)
+    out = console.file.getvalue()
+    assert "trial 0: epoch" in out and "val/acc=" in out  # the running trial's own line
+    for label in ("trial", "state", "val/acc ↑", "train steps", "time (s)", "maximized"):
+        assert label in out, label
