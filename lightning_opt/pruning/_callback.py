@@ -148,36 +148,14 @@ class Pruning(Callback):
         on_unremovable: Literal["error", "skip"] = "error",
         allow_output_change: bool = False,
     ) -> None:
-        if not isinstance(schedule, Schedule):
-            raise TypeError(
-                f"`schedule` must be a lightning_opt.schedules.Schedule, got {schedule!r}. HINT: "
-                "`schedule: {class_path: lightning_opt.schedules.PolynomialSchedule, init_args: {final: 0.9}}`."
-            )
-        if not 0.0 <= schedule.final < 1.0:
-            raise ValueError(
-                f"`schedule.final` must be in [0, 1), got {schedule.final}. "
-                "HINT: sparsity is a fraction, 0.9 means 90% zeros."
-            )
-        if not 0.0 <= schedule.initial <= schedule.final:
-            raise ValueError(
-                f"`schedule.initial` must be in [0, schedule.final={schedule.final}], got {schedule.initial}."
-            )
+        _check_schedule(schedule)
         if granularity not in _GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {list(_GRANULARITIES)}, got {granularity!r}.")
         if scope not in _SCOPES:
             raise ValueError(f"`scope` must be one of {list(_SCOPES)}, got {scope!r}.")
         self.criterion = resolve_criterion(criterion)
         if granularity == "nm":
-            if not (isinstance(n, int) and isinstance(m, int) and m >= 2 and n >= 1):
-                raise ValueError(f"`n` and `m` must be ints with 1 <= n < m and m >= 2, got n={n!r}, m={m!r}.")
-            if n >= m:
-                raise ValueError(f"`n` must be < `m` for N:M sparsity, got n={n}, m={m}. HINT: 2:4 keeps 2 of 4.")
-            if abs(schedule.final - (m - n) / m) > 1e-9:
-                raise ValueError(
-                    f"`schedule.final` must be {(m - n) / m} for {n}:{m} sparsity ((m - n) / m), got {schedule.final}."
-                )
-            if overrides:
-                raise ValueError(f"`overrides` cannot be used with granularity='nm', got {overrides}.")
+            _check_nm(n, m, schedule, overrides)
         if on_unremovable not in _UNREMOVABLE:
             raise ValueError(
                 f"`on_unremovable` must be one of {list(_UNREMOVABLE)}, got {on_unremovable!r}. HINT: 'skip' prunes "
@@ -190,15 +168,7 @@ class Pruning(Callback):
             )
         self.include = _as_list(include)
         self.exclude = _as_list(exclude)
-        for arg, patterns in (("include", self.include), ("exclude", self.exclude), ("overrides", overrides)):
-            for p in patterns or []:
-                try:
-                    re.compile(p)
-                except re.error as err:
-                    raise ValueError(f"`{arg}` pattern {p!r} is not a valid regex: {err}.") from err
-        for p, v in (overrides or {}).items():
-            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ValueError(f"`overrides[{p!r}]` must be a final sparsity in [0, 1), got {v!r}.")
+        _check_patterns(self.include, self.exclude, overrides)
         if example_input_shape is not None and (
             not example_input_shape or any(not isinstance(d, int) or d < 1 for d in example_input_shape)
         ):
@@ -860,3 +830,43 @@ def _measure(model: nn.Module, example: Any) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return dict(measure_model(model, example, latency=True))
+
+
+def _check_schedule(schedule: Any) -> None:
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            f"`schedule` must be a lightning_opt.schedules.Schedule, got {schedule!r}. HINT: "
+            "`schedule: {class_path: lightning_opt.schedules.PolynomialSchedule, init_args: {final: 0.9}}`."
+        )
+    if not 0.0 <= schedule.final < 1.0:
+        raise ValueError(
+            f"`schedule.final` must be in [0, 1), got {schedule.final}. "
+            "HINT: sparsity is a fraction, 0.9 means 90% zeros."
+        )
+    if not 0.0 <= schedule.initial <= schedule.final:
+        raise ValueError(f"`schedule.initial` must be in [0, schedule.final={schedule.final}], got {schedule.initial}.")
+
+
+def _check_nm(n: Any, m: Any, schedule: Schedule, overrides: dict[str, float] | None) -> None:
+    if not (isinstance(n, int) and isinstance(m, int) and m >= 2 and n >= 1):
+        raise ValueError(f"`n` and `m` must be ints with 1 <= n < m and m >= 2, got n={n!r}, m={m!r}.")
+    if n >= m:
+        raise ValueError(f"`n` must be < `m` for N:M sparsity, got n={n}, m={m}. HINT: 2:4 keeps 2 of 4.")
+    if abs(schedule.final - (m - n) / m) > 1e-9:
+        raise ValueError(
+            f"`schedule.final` must be {(m - n) / m} for {n}:{m} sparsity ((m - n) / m), got {schedule.final}."
+        )
+    if overrides:
+        raise ValueError(f"`overrides` cannot be used with granularity='nm', got {overrides}.")
+
+
+def _check_patterns(include: list[str] | None, exclude: list[str] | None, overrides: dict[str, float] | None) -> None:
+    for arg, patterns in (("include", include), ("exclude", exclude), ("overrides", overrides)):
+        for p in patterns or []:
+            try:
+                re.compile(p)
+            except re.error as err:
+                raise ValueError(f"`{arg}` pattern {p!r} is not a valid regex: {err}.") from err
+    for p, v in (overrides or {}).items():
+        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"`overrides[{p!r}]` must be a final sparsity in [0, 1), got {v!r}.")

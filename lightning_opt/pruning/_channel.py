@@ -207,32 +207,38 @@ class ChannelGroups:
                 inner=self.config is not None
                 and (head_slices(self.config, group) is not None or not isinstance(root, prunable_types)),
             )
-            for item in group.items:
-                mod = item.dep.target.module
-                if not isinstance(mod, nn.Module) or mod not in module_names:
-                    continue
-                root_idxs = torch.as_tensor([int(i) for i in item.root_idxs])
-                slices = param_slices(self.config, mod, item.dep.handler, item.idxs) if self.config else None
-                if slices is None:
-                    is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
-                    idx = torch.as_tensor([int(i) for i in item.idxs])
-                    slices = [(pname, dim, idx) for pname, dim in _param_dims(mod, item.dep.handler, is_out)]
-                for pname, dim, idx in slices:
-                    try:
-                        param = mod.get_parameter(pname)
-                    except AttributeError:  # e.g. no bias
-                        continue
-                    full = canonical.get(id(param))
-                    if full is None:
-                        continue
-                    reps = max(1, len(idx) // max(1, len(root_idxs)))  # q/k/v rows of one head channel
-                    g.items.append(_Item(full, dim, idx, root_idxs.repeat(reps)))
+            g.items = self._items(group, module_names, canonical)
             self.groups[name] = g
         if not self.groups:
             raise ValueError(
                 f"No channel group can be pruned among {list(roots)} (output layers {self.output_layers} are never "
                 "channel-pruned). HINT: check `module_types`/`include`/`exclude`."
             )
+
+    def _items(self, group: Any, module_names: dict[nn.Module, str], canonical: dict[int, str]) -> list[_Item]:
+        """The parameter slices a Torch-Pruning group removes, each under its parameter's canonical name."""
+        items: list[_Item] = []
+        for item in group.items:
+            mod = item.dep.target.module
+            if not isinstance(mod, nn.Module) or mod not in module_names:
+                continue
+            root_idxs = torch.as_tensor([int(i) for i in item.root_idxs])
+            slices = param_slices(self.config, mod, item.dep.handler, item.idxs) if self.config else None
+            if slices is None:
+                is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
+                idx = torch.as_tensor([int(i) for i in item.idxs])
+                slices = [(pname, dim, idx) for pname, dim in _param_dims(mod, item.dep.handler, is_out)]
+            for pname, dim, idx in slices:
+                try:
+                    param = mod.get_parameter(pname)
+                except AttributeError:  # e.g. no bias
+                    continue
+                full = canonical.get(id(param))
+                if full is None:
+                    continue
+                reps = max(1, len(idx) // max(1, len(root_idxs)))  # q/k/v rows of one head channel
+                items.append(_Item(full, dim, idx, root_idxs.repeat(reps)))
+        return items
 
     @property
     def param_names(self) -> list[str]:

@@ -149,6 +149,17 @@ def _label(value: Any) -> Any:
     return value if value is None or isinstance(value, str | int | float | bool) else json.dumps(value)
 
 
+def _implied_type(spec: Mapping[str, Any]) -> str:
+    """The ``type`` a parameter without one has: list, categorical, int (int bounds, no log) or float."""
+    if "item" in spec or "length" in spec:
+        return "list"
+    if "choices" in spec:
+        return "categorical"
+    if isinstance(spec.get("low"), int) and isinstance(spec.get("high"), int) and not spec.get("log"):
+        return "int"
+    return "float"
+
+
 @dataclass
 class Param:
     """One searched config key.
@@ -205,16 +216,7 @@ class Param:
                 f"{where} has unknown field(s) {sorted(unknown)}; allowed: {sorted(_PARAM_KEYS)}."
                 + suggest_keys(sorted(unknown)[0], _PARAM_KEYS)
             )
-        kind = spec.get("type")
-        if kind is None:
-            if "item" in spec or "length" in spec:
-                kind = "list"
-            elif "choices" in spec:
-                kind = "categorical"
-            elif isinstance(spec.get("low"), int) and isinstance(spec.get("high"), int) and not spec.get("log"):
-                kind = "int"
-            else:
-                kind = "float"
+        kind = spec.get("type") or _implied_type(spec)
         if kind not in _TYPES:
             raise ValueError(f"{where}: `type` must be one of {list(_TYPES)}, got {kind!r}.")
         when = spec.get("when") or {}

@@ -274,21 +274,8 @@ class SearchConfig:
             raise ValueError("`search.space` is required: a mapping of config key -> spec.")
         space = SearchSpace(section["space"])
 
-        raw_objectives = section.get("objectives", [{"name": "val/acc", "direction": "maximize"}])
-        if isinstance(raw_objectives, str | Mapping):
-            raw_objectives = [raw_objectives]
-        if not isinstance(raw_objectives, list) or not raw_objectives:
-            raise ValueError(f"`search.objectives` must be a non-empty list, got {raw_objectives!r}.")
-        objectives = []
-        for obj in raw_objectives:
-            if isinstance(obj, str):
-                obj = {"name": obj}
-            if not isinstance(obj, Mapping) or "name" not in obj or set(obj) - {"name", "direction"}:
-                raise ValueError(f"`search.objectives` items must be {{name: ..., direction: ...}}, got {obj!r}.")
-            objectives.append(Objective(str(obj["name"]), str(obj.get("direction", "maximize"))))
+        objectives = _objectives(section.get("objectives", [{"name": "val/acc", "direction": "maximize"}]))
         names = [o.name for o in objectives]
-        if len(set(names)) != len(names):
-            raise ValueError(f"`search.objectives` lists an objective twice: {names}.")
 
         multi = len(objectives) > 1
         sampler, sampler_kwargs = _named(section.get("sampler", "nsga2" if multi else "tpe"), "sampler", SAMPLERS)
@@ -312,16 +299,7 @@ class SearchConfig:
         seed = section.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"`search.seed` must be an int or null, got {seed!r}.")
-        for name in ("heartbeat_interval", "grace_period"):
-            value = section.get(name, cls.__dataclass_fields__[name].default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`search.{name}` must be an int >= 1 (seconds), got {value!r}.")
-        hb, grace = section.get("heartbeat_interval", 10), section.get("grace_period", 30)
-        if grace <= hb:
-            raise ValueError(
-                f"`search.grace_period` must be > `heartbeat_interval`, got {grace} <= {hb}. HINT: a live trial would"
-                " be taken for dead between two heartbeats."
-            )
+        hb, grace = _heartbeat(section)
         max_retry = section.get("max_retry", 2)
         if isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 0:
             raise ValueError(f"`search.max_retry` must be an int >= 0, got {max_retry!r}.")
@@ -438,3 +416,36 @@ class SearchConfig:
                     "HINT: check host, port, user and database,"
                     " e.g. postgresql://user:password@host:5432/dbname, or leave `storage` unset for a SQLite file."
                 ) from None
+
+
+def _objectives(raw: Any) -> list[Objective]:
+    """``search.objectives``: a name, a mapping or a list of them, each name once."""
+    if isinstance(raw, str | Mapping):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"`search.objectives` must be a non-empty list, got {raw!r}.")
+    objectives = []
+    for obj in raw:
+        if isinstance(obj, str):
+            obj = {"name": obj}
+        if not isinstance(obj, Mapping) or "name" not in obj or set(obj) - {"name", "direction"}:
+            raise ValueError(f"`search.objectives` items must be {{name: ..., direction: ...}}, got {obj!r}.")
+        objectives.append(Objective(str(obj["name"]), str(obj.get("direction", "maximize"))))
+    names = [o.name for o in objectives]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`search.objectives` lists an objective twice: {names}.")
+    return objectives
+
+
+def _heartbeat(section: Mapping[str, Any]) -> tuple[int, int]:
+    """``(heartbeat_interval, grace_period)`` in seconds: ints >= 1, the grace longer than the interval."""
+    hb, grace = section.get("heartbeat_interval", 10), section.get("grace_period", 30)
+    for name, value in (("heartbeat_interval", hb), ("grace_period", grace)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`search.{name}` must be an int >= 1 (seconds), got {value!r}.")
+    if grace <= hb:
+        raise ValueError(
+            f"`search.grace_period` must be > `heartbeat_interval`, got {grace} <= {hb}. HINT: a live trial would"
+            " be taken for dead between two heartbeats."
+        )
+    return hb, grace
