@@ -1,7 +1,7 @@
 """``lightning-opt``: the commands, on top of the library (nothing in ``lightning_opt`` imports this package).
 
 Each command is a module here with ``main(argv: list[str]) -> int``: ``fit``, ``validate``, ``test`` and ``predict``
-(:mod:`lightning_opt.cli.run`, LightningCLI), ``search``, ``report``, ``export`` and ``plan``. This module reads only
+(`lightning_opt.cli.run`, LightningCLI), ``search``, ``report``, ``export`` and ``plan``. This module reads only
 the command name before importing anything heavy, so ``lightning-opt --help`` and a mistyped command answer at once.
 
 Errors: bad input of any kind (an unknown key, a wrong value, a missing or unreadable checkpoint, an unwritable
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
         SystemExit: With code 2 on bad input (one message on stderr), 0 after ``--help``.
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +ELLIPSIS
         lightning-opt ...
         0
