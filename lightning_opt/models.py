@@ -201,6 +201,7 @@ class TinyResNet(nn.Module):
 
 
 BUILTIN_BACKBONES = ("small_cnn", "mlp", "tiny_resnet")
+"""Backbone names `build_backbone` builds itself; other names go to ``torchvision.models``."""
 
 
 def list_backbones() -> list[str]:

@@ -36,11 +36,11 @@ __all__ = ["DEFAULT_LOGGER", "LightningOptCLI", "build_from_config", "load_recip
 #: What ``lightning-opt fit --help`` says first.
 DESCRIPTION = "Train a recipe (a LightningCLI config: model, data, trainer, callbacks, report) with lightning-opt."
 
-#: Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``.
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "lightning_opt"},
 }
+"""Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``."""
 
 
 def _union_bullets(lines: list[str]) -> list[list[str]]:

@@ -20,7 +20,6 @@ from lightning_opt._errors import debug_enabled, error_message, is_user_error
 
 __all__ = ["COMMANDS", "main"]
 
-#: Command name -> (module under ``lightning_opt.cli``, one-line summary for ``--help``).
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("run", "train a recipe (then test it and write the compression report)"),
     "validate": ("run", "validate a recipe's model (from --ckpt_path)"),
@@ -31,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "measure a checkpoint: params, size, FLOPs, latency, test metric"),
     "export": ("export", "turn a checkpoint into a measured int8 .pt2 or ONNX artifact"),
 }
+"""Command name -> (module under ``lightning_opt.cli``, one-line summary for ``--help``)."""
 
 _USAGE = "usage: lightning-opt [-h] [--version] {" + ",".join(COMMANDS) + "} ..."
 

@@ -29,9 +29,6 @@ __all__ = [
     "unstructured_masks",
 ]
 
-#: Module types pruned by default. ``MultiheadAttention`` contributes its input projections (``in_proj_weight``, or
-#: ``q/k/v_proj_weight``; its ``out_proj`` is a ``Linear``); Hugging Face's ``Conv1D`` (GPT-2) is used when
-#: ``transformers`` is installed.
 DEFAULT_MODULE_TYPES = (
     "Conv1d",
     "Conv2d",
@@ -40,6 +37,9 @@ DEFAULT_MODULE_TYPES = (
     "MultiheadAttention",
     "transformers.pytorch_utils.Conv1D",
 )
+"""Module types pruned by default. ``MultiheadAttention`` contributes its input projections (``in_proj_weight``, or
+``q/k/v_proj_weight``; its ``out_proj`` is a ``Linear``); Hugging Face's ``Conv1D`` (GPT-2) is used when
+``transformers`` is installed."""
 _OPTIONAL_TYPES = ("transformers.pytorch_utils.Conv1D",)
 
 

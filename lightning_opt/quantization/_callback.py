@@ -25,8 +25,8 @@ from lightning_opt.schedules import check_point, resolve_step
 
 __all__ = ["CHECKPOINT_KEY", "PostTrainingQuantization", "QuantizationAwareTraining", "restore_quantized_structure"]
 
-#: Where a checkpoint keeps the quantization state (which submodules are fake-quantized, with their specs).
 CHECKPOINT_KEY = "lightning_opt_quantization"
+"""Where a checkpoint keeps the quantization state (which submodules are fake-quantized, with their specs)."""
 
 
 def _resolve_point(value: int | float | None, total: float, name: str) -> int | None:

@@ -42,8 +42,12 @@ from lightning_opt.recipe import build_from_config
 __all__ = ["FORMATS", "METHODS", "QUANTIZE", "export_checkpoint"]
 
 FORMATS = ("pt2", "onnx")
+"""``format`` values: a ``torch.export`` program (``.pt2``) or an ONNX file."""
 QUANTIZE = ("int8", "none", *_linear.SCHEMES)
+"""``quantize`` values: int8 (pt2e static, or ONNX Runtime static), none (fp32), or a torchao ``quantize_`` scheme."""
 METHODS = ("auto", "qat", "ptq")
+"""``method`` values for ``quantize="int8"``: ``auto`` (QAT when the checkpoint was trained with it, else PTQ),
+``qat`` or ``ptq``."""
 
 
 def _validate(fmt: str, quantize: str, method: str, calibration_batches: int, ckpt_path: str | None) -> None:

@@ -18,7 +18,6 @@ from lightning_opt.search._space import SearchSpace, suggest_keys
 
 __all__ = ["BUILTIN_OBJECTIVES", "PRUNERS", "SAMPLERS", "Objective", "SearchConfig"]
 
-#: Objectives measured on the trained model with `lightning_opt.measure`, with their key in ``measure_model``.
 BUILTIN_OBJECTIVES: tuple[str, ...] = (
     "params",
     "nonzero_params",
@@ -28,6 +27,7 @@ BUILTIN_OBJECTIVES: tuple[str, ...] = (
     "size_bytes",
     "size_bytes_compressed",
 )
+"""Objectives measured on the trained model with `lightning_opt.measure`, with their key in ``measure_model``."""
 SAMPLERS: dict[str, str] = {
     "random": "RandomSampler",
     "tpe": "TPESampler",
@@ -35,12 +35,14 @@ SAMPLERS: dict[str, str] = {
     "cmaes": "CmaEsSampler",
     "grid": "GridSampler",
 }
+"""``search.sampler`` names -> the optuna sampler class each builds."""
 PRUNERS: dict[str, str | None] = {
     "none": None,
     "median": "MedianPruner",
     "successive_halving": "SuccessiveHalvingPruner",
     "hyperband": "HyperbandPruner",
 }
+"""``search.pruner`` names -> the optuna pruner class each builds (``none``: no trial is pruned)."""
 _SECTION_KEYS = {
     "space",
     "objectives",
