@@ -34,7 +34,7 @@ USER_ERROR_NAMES = frozenset(
 def debug_enabled(argv: Sequence[str] = ()) -> bool:
     """Whether tracebacks are wanted: ``--debug`` on the command line or ``LIGHTNING_OPT_DEBUG=1``.
 
-    Example:
+    Examples:
         >>> debug_enabled(["fit", "--debug"])
         True
     """
@@ -42,10 +42,10 @@ def debug_enabled(argv: Sequence[str] = ()) -> bool:
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` reports bad input rather than a bug: a type named in :data:`USER_ERROR_NAMES` (or a subclass
+    """Whether ``err`` reports bad input rather than a bug: a type named in `USER_ERROR_NAMES` (or a subclass
     of one), or a checkpoint whose tensors do not fit the model.
 
-    Example:
+    Examples:
         >>> is_user_error(ValueError("`final` must be in [0, 1), got 1.5.")), is_user_error(ZeroDivisionError())
         (True, False)
     """
@@ -57,7 +57,7 @@ def is_user_error(err: BaseException) -> bool:
 def error_message(err: BaseException) -> str:
     """The message of a user error, without the quotes ``KeyError`` adds, followed by any notes attached to it.
 
-    Example:
+    Examples:
         >>> error_message(KeyError("`search.space`: key 'model.width' is not in the recipe."))
         "`search.space`: key 'model.width' is not in the recipe."
     """
@@ -71,7 +71,7 @@ def error_message(err: BaseException) -> str:
 class ConciseArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one message and a pointer to ``--help``, not the usage text.
 
-    Example:
+    Examples:
         >>> parser = ConciseArgumentParser(prog="lightning-opt export")
         >>> _ = parser.add_argument("--batches", type=int)
         >>> parser.parse_args(["--batches", "x"])

@@ -1,6 +1,6 @@
 """Files written atomically, and output folders checked before a run writes to them.
 
-Every file lightning-opt writes (checkpoints, reports, artifacts, search outputs) goes through :func:`atomic_path`:
+Every file lightning-opt writes (checkpoints, reports, artifacts, search outputs) goes through `atomic_path`:
 the writer fills a temporary file in the target's folder, which is flushed to disk (``fsync``) and renamed onto the
 target only when the writer finished. A writer that fails (a full disk, an object that cannot be serialised, an
 interrupt) leaves the previous file untouched, or no file under the target's name, and no temporary file.
@@ -42,7 +42,7 @@ def atomic_path(path: _PathLike) -> Iterator[Path]:
     temporary file is removed and ``path`` keeps its previous content (or stays absent). The folder is created if
     missing.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "figures.json"
         >>> with atomic_path(target) as tmp:
@@ -85,17 +85,17 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: _PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
-    """``open(path, mode)`` for writing, atomically (see :func:`atomic_path`).
+    """``open(path, mode)`` for writing, atomically (see `atomic_path`).
 
     Args:
         path: the file to write.
         mode: ``"w"`` (text) or ``"wb"`` (bytes).
-        **open_kwargs: passed to :func:`open` (``encoding``, ``newline``).
+        **open_kwargs: passed to `open` (``encoding``, ``newline``).
 
     Raises:
         ValueError: if ``mode`` is not a write mode.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "report.md"
         >>> with atomic_write(target) as fh:
@@ -110,9 +110,9 @@ def atomic_write(path: _PathLike, mode: str = "w", **open_kwargs: Any) -> Iterat
 
 
 def atomic_save(obj: Any, path: _PathLike) -> Path:
-    """``torch.save(obj, path)``, atomically (see :func:`atomic_path`); returns the path.
+    """``torch.save(obj, path)``, atomically (see `atomic_path`); returns the path.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> path = atomic_save({"w": torch.ones(2)}, Path(tempfile.mkdtemp()) / "w.pt")
         >>> torch.load(path, weights_only=True)["w"].tolist()
@@ -126,16 +126,16 @@ def atomic_save(obj: Any, path: _PathLike) -> Path:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's :class:`~lightning.fabric.plugins.io.torch_io.TorchCheckpointIO` with atomic local files.
+    """Lightning's `TorchCheckpointIO` with atomic local files.
 
     Lightning 2.6's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in the
     system's temporary folder; committing it moves the file across filesystems, which copies it into the final
     name: a full disk leaves a truncated checkpoint under its normal name, and nothing is flushed to disk. This
-    plugin writes local checkpoints with :func:`atomic_save` (a temporary file in the checkpoint's folder, fsync,
+    plugin writes local checkpoints with `atomic_save` (a temporary file in the checkpoint's folder, fsync,
     rename); remote paths (``s3://...``) keep Lightning's behaviour. ``lightning-opt`` installs it on every trainer
     it builds whose checkpoint plugin is the default one.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl, tempfile
         >>> trainer = pl.Trainer(plugins=[AtomicCheckpointIO()], logger=False, default_root_dir=tempfile.mkdtemp())
         >>> type(trainer.strategy.checkpoint_io).__name__
@@ -153,7 +153,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def use_atomic_checkpoints(trainer: Any) -> Any:
-    """Give ``trainer`` an :class:`AtomicCheckpointIO` when its checkpoint plugin is Lightning's default; returns it.
+    """Give ``trainer`` an `AtomicCheckpointIO` when its checkpoint plugin is Lightning's default; returns it.
 
     A checkpoint plugin the user chose (async, remote, a subclass) is kept.
     """
@@ -177,7 +177,7 @@ def check_output_dir(folder: _PathLike, key: str) -> None:
     Raises:
         ValueError: naming the key and the folder when no file can be created there.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> file = Path(tempfile.mkdtemp()) / "file"
         >>> _ = file.write_text("")
@@ -211,7 +211,7 @@ def check_output_dir(folder: _PathLike, key: str) -> None:
 
 
 def check_trainer_output_dirs(trainer: Any) -> None:
-    """:func:`check_output_dir` on every folder a run of ``trainer`` writes to, before it writes anything.
+    """`check_output_dir` on every folder a run of ``trainer`` writes to, before it writes anything.
 
     Checked: ``trainer.default_root_dir``, each logger's ``save_dir`` and each ``ModelCheckpoint``'s ``dirpath``.
 

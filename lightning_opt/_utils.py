@@ -24,7 +24,7 @@ def local_log_dir(trainer: pl.Trainer) -> str:
     code under multi-process DDP it waits for ranks that never come (or fail when they exit). Rank zero's own logger
     holds the value the broadcast would give.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> root = tempfile.mkdtemp()
         >>> trainer = pl.Trainer(default_root_dir=root, logger=False)
@@ -55,7 +55,7 @@ def load_checkpoint(path: str | os.PathLike[str], lightning: bool = True) -> Any
         ValueError: if it is a folder, cannot be read (truncated, not a PyTorch file), needs code to load (a pickle
             that is not weights-only), or is not a Lightning checkpoint; the message names the file.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> path = os.path.join(tempfile.mkdtemp(), "not.ckpt")
         >>> _ = open(path, "w").write("hello")
@@ -101,7 +101,7 @@ def detached_copy(module: Any) -> Any:
     Rehearsals and measurements work on copies of the user's module. Copying the attached Trainer with it is wasteful
     and, under DDP, impossible (the strategy holds process-group locks that cannot be copied).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from lightning_opt.module import ImageClassifier
         >>> model = ImageClassifier("mlp", input_size=2, backbone_kwargs={"hidden": [4]})
@@ -127,7 +127,7 @@ def detached_copy(module: Any) -> Any:
 def find_callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
     """The first callback of ``trainer`` that is a ``kind``, or None: how the techniques find each other.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from lightning.pytorch.callbacks import ModelCheckpoint
         >>> trainer = pl.Trainer(logger=False, default_root_dir=tempfile.mkdtemp())

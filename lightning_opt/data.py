@@ -43,10 +43,10 @@ def _seed_of(*parts: int) -> int:
 class EpochSampler(Sampler[Any]):
     """Shuffles from a generator seeded by ``(seed, epoch)``, so the order of every epoch is reproducible on resume.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch (also after a restart, with the restored epoch), so a
+    Lightning calls `set_epoch` at the start of every epoch (also after a restart, with the restored epoch), so a
     run resumed from a checkpoint sees the batches of the uninterrupted run; torch's global generator, which no
     checkpoint holds, is never used. With ``with_seeds`` each index comes with a per-sample seed (``(index,
-    sample_seed)``) for random augmentation that must also be reproducible (:class:`ShiftAugmented`), in worker
+    sample_seed)``) for random augmentation that must also be reproducible (`ShiftAugmented`), in worker
     processes too.
 
     Args:
@@ -55,7 +55,7 @@ class EpochSampler(Sampler[Any]):
         shuffle: Whether to shuffle (``False``: ``0..size-1``).
         with_seeds: Yield ``(index, sample_seed)`` pairs instead of indices.
 
-    Example:
+    Examples:
         >>> sampler = EpochSampler(5, seed=0)
         >>> sampler.set_epoch(1)
         >>> first = list(sampler)
@@ -93,7 +93,7 @@ class EpochSampler(Sampler[Any]):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over an :class:`EpochSampler` that Lightning can resume in the middle of an epoch.
+    """A DataLoader over an `EpochSampler` that Lightning can resume in the middle of an epoch.
 
     Lightning saves ``state_dict()`` of every training loader that has one into the checkpoint and gives it back
     through ``load_state_dict`` on ``fit(ckpt_path=...)``. The state is the epoch and the number of batches the
@@ -102,7 +102,7 @@ class ResumableDataLoader(DataLoader):
 
     Args:
         dataset: The dataset.
-        sampler: Its :class:`EpochSampler`.
+        sampler: Its `EpochSampler`.
         progress: Returns the number of batches of the current epoch the training loop has consumed.
         **kwargs: Other ``DataLoader`` arguments (``batch_size``, ``num_workers``...).
     """
@@ -136,7 +136,7 @@ class ShiftAugmented(Dataset):
     """Wraps an image dataset and shifts each image by up to ``max_shift`` pixels (zero padding), as in Hinton 2015.
 
     The shift is drawn from a generator seeded by the sample's seed when the sampler yields ``(index, seed)`` pairs
-    (:class:`EpochSampler` with ``with_seeds=True``): the same sample in the same epoch gets the same shift on a
+    (`EpochSampler` with ``with_seeds=True``): the same sample in the same epoch gets the same shift on a
     resumed run. A bare index draws from torch's global generator.
 
     Args:
@@ -356,14 +356,14 @@ class DigitsDataModule(InMemoryDataModule):
         num_workers: DataLoader workers.
         labeled_size: Number of training images that keep their label (a stratified sample drawn with ``seed``);
             the other training images keep their image and get the label -1: an unlabelled *transfer set* that
-            :class:`~lightning_opt.distillation.DistillationModule` uses for its soft loss only and that
-            :class:`~lightning_opt.module.ImageClassifier` ignores. ``None``: every image keeps its label.
+            `DistillationModule` uses for its soft loss only and that
+            `ImageClassifier` ignores. ``None``: every image keeps its label.
 
     Raises:
         ValueError: If a fraction is outside (0, 1), ``image_size`` < 1, ``batch_size`` < 1, or ``labeled_size`` is
             below the number of classes (here) or above the training split's size (at ``setup``).
 
-    Example:
+    Examples:
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup()
         >>> next(iter(dm.train_dataloader()))[0].shape
@@ -421,13 +421,13 @@ class MNIST5kDataModule(InMemoryDataModule):
         return_index: Whether each sample also yields its index in its split.
         num_workers: DataLoader workers.
         labeled_size: Number of the 3,500 training images that keep their label (stratified, drawn with ``seed``);
-            the others get the label -1 and form an unlabelled transfer set (see :class:`DigitsDataModule`).
+            the others get the label -1 and form an unlabelled transfer set (see `DigitsDataModule`).
             ``None``: every image keeps its label.
 
     Raises:
         ValueError: If ``batch_size`` < 1, ``augment_shift`` < 0, or ``labeled_size`` is outside [10, 3500].
 
-    Example:
+    Examples:
         >>> dm = MNIST5kDataModule()
         >>> dm.setup()
         >>> len(dm.train_dataloader().dataset), len(dm.val_dataloader().dataset), len(dm.test_dataloader().dataset)
@@ -467,7 +467,7 @@ class TabularDataModule(InMemoryDataModule):
         test_size: Fraction of all rows held out for test.
         num_workers: DataLoader workers.
 
-    Example:
+    Examples:
         >>> dm = TabularDataModule("wine")
         >>> dm.input_shape, dm.num_classes
         ((13,), 3)

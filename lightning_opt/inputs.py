@@ -10,9 +10,9 @@ Conventions:
 - An *example* (``example_input_array``) is a ``Tensor`` (called as ``model(x)``), a ``tuple``/``list``
   (``model(*example)``) or a ``dict`` (``model(**example)``).
 - A *batch* from a dataloader is ``(inputs, target, *extra)`` (``inputs`` itself an example), a dict whose label keys
-  (:data:`LABEL_KEYS`) are dropped to give the model's keyword inputs, or a bare tensor.
+  (`LABEL_KEYS`) are dropped to give the model's keyword inputs, or a bare tensor.
 
-Example:
+Examples:
     >>> import torch
     >>> batch = {"input_ids": torch.ones(4, 6, dtype=torch.long), "attention_mask": torch.ones(4, 6), "labels": 0}
     >>> x = batch_inputs(batch)
@@ -107,7 +107,7 @@ def flat_tensors(example: Any) -> list[Tensor]:
 
 
 def input_names(example: Any) -> list[str]:
-    """A name for each tensor of :func:`flat_tensors`: the dict keys, else ``input`` / ``input_0, input_1...``."""
+    """A name for each tensor of `flat_tensors`: the dict keys, else ``input`` / ``input_0, input_1...``."""
     if isinstance(example, Mapping):
         return [k for k, v in example.items() if isinstance(v, Tensor)]
     tensors = flat_tensors(example)
@@ -146,7 +146,7 @@ def repeat_to(example: Any, rows: int) -> Any:
 def batch_inputs(batch: Any) -> Any:
     """The model's inputs of a dataloader batch.
 
-    ``(inputs, target, *extra)`` gives ``inputs``; a dict gives its keys other than :data:`LABEL_KEYS` (or the value
+    ``(inputs, target, *extra)`` gives ``inputs``; a dict gives its keys other than `LABEL_KEYS` (or the value
     of an ``x``/``input``/``inputs`` key when there is one); a bare tensor is the input itself.
 
     Raises:
@@ -185,7 +185,7 @@ def batch_target(batch: Any) -> Tensor | None:
 def batch_index(batch: Any) -> Tensor | None:
     """The sample indices of a batch, when it carries them: the third item of a tuple, or a dict's ``index``/``idx``.
 
-    Example:
+    Examples:
         >>> batch_index((torch.zeros(2, 3), torch.zeros(2), torch.tensor([4, 7]))).tolist()
         [4, 7]
         >>> batch_index({"input_ids": torch.zeros(2, 3), "idx": torch.tensor([1, 2])}).tolist()

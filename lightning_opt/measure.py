@@ -1,9 +1,9 @@
 """Measure a model: parameters, nonzeros, bytes of the saved weights, FLOPs and CPU latency.
 
 Every figure lightning-opt reports comes from here and is measured on the model (or artifact) it describes.
-FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two FLOPs).
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as two FLOPs).
 
-Inputs are examples in any form :mod:`lightning_opt.inputs` knows: one tensor (``model(x)``), a tuple of positional
+Inputs are examples in any form `lightning_opt.inputs` knows: one tensor (``model(x)``), a tuple of positional
 tensors (``model(*example)``) or a dict of keyword tensors (``model(**example)``); integer inputs (token ids, masks)
 keep their dtype and values.
 """
@@ -42,7 +42,7 @@ __all__ = [
 def count_parameters(model: nn.Module) -> int:
     """Number of parameter elements (shared parameters counted once).
 
-    Example:
+    Examples:
         >>> count_parameters(nn.Linear(3, 2))
         8
     """
@@ -52,7 +52,7 @@ def count_parameters(model: nn.Module) -> int:
 def count_nonzero_parameters(model: nn.Module) -> int:
     """Number of parameter elements that are not exactly zero.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(3, 2)
         >>> with torch.no_grad():
         ...     _ = layer.weight.zero_()
@@ -87,13 +87,13 @@ def file_size_bytes(path: str | os.PathLike) -> int:
 
 
 def count_flops(model: nn.Module | Callable[..., Any], example_input: inputs.Example) -> int:
-    """FLOPs of one forward pass on ``example_input``, counted by :class:`~torch.utils.flop_counter.FlopCounterMode`.
+    """FLOPs of one forward pass on ``example_input``, counted by `FlopCounterMode`.
 
     Args:
         model: A module or any callable.
         example_input: One tensor, a tuple of positional tensors or a dict of keyword tensors.
 
-    Example:
+    Examples:
         >>> count_flops(nn.Linear(4, 3, bias=False), torch.zeros(2, 4))  # 2 * batch * in * out
         48
         >>> ids = torch.zeros(2, 5, dtype=torch.long)
@@ -147,12 +147,12 @@ def measure_latency(
         repeats: Timed runs.
         num_threads: ``torch.set_num_threads`` during the measurement (restored afterwards).
         batch_size: When given, every batched input (ids *and* their attention mask) is tiled along dim 0 to this
-            many rows with its real values and dtype (:func:`lightning_opt.inputs.repeat_to`).
+            many rows with its real values and dtype (`lightning_opt.inputs.repeat_to`).
 
     Raises:
         ValueError: If ``repeats`` < 1 or ``warmup`` < 0 or ``num_threads`` < 1.
 
-    Example:
+    Examples:
         >>> result = measure_latency(nn.Linear(8, 8), torch.zeros(1, 8), warmup=1, repeats=5)
         >>> result.median_ms > 0
         True
@@ -208,13 +208,13 @@ def measure_model(
         warmup: Untimed runs before timing.
         repeats: Timed runs.
         num_threads: Torch threads while timing.
-        batch_size: Rows of the timed input (every batched input tiled, see :func:`measure_latency`).
+        batch_size: Rows of the timed input (every batched input tiled, see `measure_latency`).
 
     Returns:
         ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops`` and,
         with ``latency``, ``latency_ms`` and ``latency_spread_ms``.
 
-    Example:
+    Examples:
         >>> figures = measure_model(nn.Linear(4, 2), torch.zeros(1, 4), latency=False)
         >>> figures["params"], figures["flops"]
         (10, 16)

@@ -1,7 +1,7 @@
 """Reference models that recipes use: a small CNN, an MLP and a tiny ResNet, all shaped by plain arguments.
 
 Search varies their depth, widths and kernel sizes, so every structural choice is a plain ``int`` or a list of them.
-:func:`build_backbone` also builds any torchvision classification model by name (without pretrained weights).
+`build_backbone` also builds any torchvision classification model by name (without pretrained weights).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SmallCNN(nn.Module):
         ValueError: If ``channels`` is empty or holds a non-positive width, or ``kernel_sizes`` has the wrong length
             or an even or non-positive size.
 
-    Example:
+    Examples:
         >>> model = SmallCNN(channels=[8, 16], kernel_sizes=3)
         >>> model(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
@@ -108,7 +108,7 @@ class MLP(nn.Module):
         hidden: Width of each hidden layer; its length is the depth.
         dropout: Dropout after each hidden layer.
 
-    Example:
+    Examples:
         >>> MLP(in_features=4, num_classes=3, hidden=[16])(torch.zeros(5, 4)).shape
         torch.Size([5, 3])
     """
@@ -164,7 +164,7 @@ class TinyResNet(nn.Module):
         widths: Channels of each stage; stages after the first halve the spatial size.
         blocks_per_stage: Basic blocks in each stage.
 
-    Example:
+    Examples:
         >>> TinyResNet(widths=[8, 16])(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
@@ -201,10 +201,11 @@ class TinyResNet(nn.Module):
 
 
 BUILTIN_BACKBONES = ("small_cnn", "mlp", "tiny_resnet")
+"""Backbone names `build_backbone` builds itself; other names go to ``torchvision.models``."""
 
 
 def list_backbones() -> list[str]:
-    """Names :func:`build_backbone` accepts: the built-in ones, then torchvision's classification models."""
+    """Names `build_backbone` accepts: the built-in ones, then torchvision's classification models."""
     import torchvision
 
     return list(BUILTIN_BACKBONES) + sorted(torchvision.models.list_models(module=torchvision.models))
@@ -240,12 +241,12 @@ def build_backbone(name: str, num_classes: int = 10, in_channels: int = 1, input
         num_classes: Number of output classes.
         in_channels: Channels of the input images (torchvision models get their first conv adapted).
         input_size: Height and width of the input images (used by ``"mlp"`` to size its first layer).
-        **kwargs: Passed to the model's constructor.
+        **kwargs (Any): Passed to the model's constructor.
 
     Raises:
         ValueError: If ``name`` is not a known backbone; the message lists where names come from.
 
-    Example:
+    Examples:
         >>> build_backbone("mlp", num_classes=3, in_channels=1, input_size=2, hidden=[4])(torch.zeros(1, 1, 2, 2)).shape
         torch.Size([1, 3])
     """

@@ -29,7 +29,7 @@ def labeled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.T
         The mean cross-entropy over the samples whose label is not -1; a zero that keeps the graph (so a backward pass
         gives zero gradients) when the batch holds no labelled sample, where plain ``F.cross_entropy`` returns NaN.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
         >>> ce = F.cross_entropy(logits[:1], torch.tensor([0]))
         >>> bool(labeled_cross_entropy(logits, torch.tensor([0, -1])) == ce)
@@ -51,7 +51,7 @@ class ImageClassifier(pl.LightningModule):
     without any labelled sample gives a zero loss (no gradient), not NaN.
 
     Args:
-        backbone: A name for :func:`lightning_opt.models.build_backbone` (``"small_cnn"``, ``"mlp"``,
+        backbone: A name for `lightning_opt.models.build_backbone` (``"small_cnn"``, ``"mlp"``,
             ``"tiny_resnet"``, or a torchvision model name such as ``"resnet18"``) or an ``nn.Module``.
         num_classes: Number of classes.
         in_channels: Channels of the input images.
@@ -63,9 +63,9 @@ class ImageClassifier(pl.LightningModule):
         lr_scheduler: An optional learning-rate scheduler, stepped every epoch.
 
     Raises:
-        ValueError: If the backbone name is unknown (see :func:`~lightning_opt.models.build_backbone`).
+        ValueError: If the backbone name is unknown (see `build_backbone`).
 
-    Example:
+    Examples:
         >>> model = ImageClassifier("small_cnn", backbone_kwargs={"channels": [8, 16]})
         >>> model(model.example_input_array).shape
         torch.Size([1, 10])

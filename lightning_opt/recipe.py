@@ -1,8 +1,8 @@
-"""The recipe layer: :class:`LightningOptCLI` (LightningCLI with the project's defaults) and building a run from a
+"""The recipe layer: `LightningOptCLI` (LightningCLI with the project's defaults) and building a run from a
 recipe, the library that the commands (``fit``, ``search``, ``report``, ``export``, ``plan``) share.
 
-A recipe is a LightningCLI config (``model``, ``data``, ``trainer``, ``report``...). :func:`build_from_config` parses
-and instantiates one without running it; :func:`load_recipe` reads one the way LightningCLI does (the same YAML
+A recipe is a LightningCLI config (``model``, ``data``, ``trainer``, ``report``...). `build_from_config` parses
+and instantiates one without running it; `load_recipe` reads one the way LightningCLI does (the same YAML
 reader, so ``1e-4`` is a float everywhere, ``search:`` and overrides included).
 """
 
@@ -36,11 +36,11 @@ __all__ = ["DEFAULT_LOGGER", "LightningOptCLI", "build_from_config", "load_recip
 #: What ``lightning-opt fit --help`` says first.
 DESCRIPTION = "Train a recipe (a LightningCLI config: model, data, trainer, callbacks, report) with lightning-opt."
 
-#: Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``.
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "lightning_opt"},
 }
+"""Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``."""
 
 
 def _union_bullets(lines: list[str]) -> list[list[str]]:
@@ -84,7 +84,7 @@ def concise_message(message: str) -> str:
     validation message (backticks, a HINT) is kept with the key, the rest (``Expected a <class 'NoneType'>``, the
     generic base class) is dropped.
 
-    Example:
+    Examples:
         >>> report = "\\n".join([
         ...     'Parser key "trainer.callbacks":',
         ...     "  Does not validate against any of the Union subtypes",
@@ -191,7 +191,7 @@ class SuggestingArgumentParser(LightningArgumentParser):
 
 
 class LightningOptCLI(LightningCLI):
-    """LightningCLI with TensorBoard as the default logger, a :class:`CompressionReport` under the ``report`` key,
+    """LightningCLI with TensorBoard as the default logger, a `CompressionReport` under the ``report`` key,
     and ``--test_after_fit`` (on by default) that tests the final model after ``fit``.
 
     Every model and datamodule is given by ``class_path``/``init_args``, so any LightningModule works.
@@ -218,7 +218,7 @@ class LightningOptCLI(LightningCLI):
             parser.error(f"invalid configuration: {concise_message(str(err))}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The recipe's trainer, writing its checkpoints atomically (:class:`lightning_opt._io.AtomicCheckpointIO`)."""
+        """The recipe's trainer, writing its checkpoints atomically (`lightning_opt._io.AtomicCheckpointIO`)."""
         return use_atomic_checkpoints(super().instantiate_trainer(**kwargs))
 
     #: The CLI whose subcommand is running (its run folder is removed when it fails before training).
@@ -298,7 +298,7 @@ def written_files(trainer: Trainer) -> dict[str, str]:
 def format_written_files(files: dict[str, str]) -> str:
     """The lines ``lightning-opt fit`` ends with: each written file, relative to the working folder when inside it.
 
-    Example:
+    Examples:
         >>> print(format_written_files({"report": "runs/a/version_0/report.md"}))
         Written by this run:
           report  runs/a/version_0/report.md
@@ -321,9 +321,9 @@ def build_from_config(args: Sequence[str] | dict[str, Any], **kwargs: Any) -> Li
 
     Args:
         args: Command-line strings (``["--config", "recipe.yaml", "--trainer.max_steps=2"]``) or a config dict.
-        **kwargs: Passed to :class:`LightningOptCLI`.
+        **kwargs: Passed to `LightningOptCLI`.
 
-    Example:
+    Examples:
         >>> cli = build_from_config({"model": {"class_path": "lightning_opt.module.ImageClassifier"},
         ...                          "data": {"class_path": "lightning_opt.data.DigitsDataModule"},
         ...                          "trainer": {"logger": False, "enable_progress_bar": False}})
@@ -341,8 +341,8 @@ def load_yaml(text: str) -> Any:
     Every part of a recipe goes through this one reader: the LightningCLI keys, the ``search:`` section and
     ``--key=value`` overrides.
 
-    Example:
-        >>> load_yaml("lr: 1e-4\nsizes: [4, 8]")
+    Examples:
+        >>> load_yaml("lr: 1e-4\\nsizes: [4, 8]")
         {'lr': 0.0001, 'sizes': [4, 8]}
     """
     return get_loader("yaml")(text)

@@ -11,7 +11,7 @@ it is ``final``; in between it moves along the schedule's curve and changes only
 (``start``, ``start + frequency``, ... and ``end``), so a value read between two updates is the one set at the last
 update.
 
-Example:
+Examples:
     >>> from lightning_opt.schedules import PolynomialSchedule
     >>> s = PolynomialSchedule(final=0.9, start=0.1, end=0.7, frequency=10)
     >>> s.value(0, total_steps=1000), round(s.value(700, total_steps=1000), 3)
@@ -51,7 +51,7 @@ def resolve_step(point: int | float, total_steps: int | float, name: str = "step
     Raises:
         ValueError: if ``point`` is a fraction and ``total_steps`` is not finite and positive.
 
-    Example:
+    Examples:
         >>> resolve_step(0.5, 101), resolve_step(30, 101)
         (50, 30)
     """
@@ -79,7 +79,7 @@ def check_point(point: int | float | None, name: str, allow_none: bool = False) 
         TypeError: If ``point`` is neither an int nor a float (nor ``None`` when allowed).
         ValueError: If a step is negative or a fraction outside [0, 1].
 
-    Example:
+    Examples:
         >>> check_point(1.5, "start")
         Traceback (most recent call last):
         ...
@@ -101,8 +101,8 @@ def check_point(point: int | float | None, name: str, allow_none: bool = False) 
 class Schedule(ABC):
     """Base class: a value that moves from ``initial`` to ``final`` between ``start`` and ``end``.
 
-    Subclasses implement :meth:`shape`, the curve on ``[0, 1]`` (0 at ``start``, 1 at ``end``). Override
-    :meth:`value` or :meth:`is_update_step` for schedules that are not a single ramp.
+    Subclasses implement `shape`, the curve on ``[0, 1]`` (0 at ``start``, 1 at ``end``). Override
+    `value` or `is_update_step` for schedules that are not a single ramp.
 
     Args:
         final: the value from ``end`` on.
@@ -252,7 +252,7 @@ class ConstantSchedule(Schedule):
         start: step (int) or fraction (float) at which ``final`` is set.
         frequency: steps between updates (the value does not change, so this matters only to re-apply it).
 
-    Example:
+    Examples:
         >>> ConstantSchedule(final=0.5).value(123, total_steps=1000)
         0.5
     """
@@ -284,7 +284,7 @@ class LinearSchedule(Schedule):
         end: step (int) or fraction (float).
         frequency: steps between updates.
 
-    Example:
+    Examples:
         >>> LinearSchedule(final=1.0, start=0, end=100).value(25, total_steps=100)
         0.25
     """
@@ -308,9 +308,9 @@ class PolynomialSchedule(Schedule):
         power: exponent of the curve, > 0.
 
     Raises:
-        ValueError: if ``power`` <= 0 (and the rules of :class:`Schedule`).
+        ValueError: if ``power`` <= 0 (and the rules of `Schedule`).
 
-    Example:
+    Examples:
         >>> s = PolynomialSchedule(final=0.8, start=0, end=100)
         >>> round(s.value(50, total_steps=100), 4)  # 0.8 * (1 - 0.5 ** 3)
         0.7
@@ -348,9 +348,9 @@ class ExponentialSchedule(Schedule):
         rate: steepness, > 0.
 
     Raises:
-        ValueError: if ``rate`` <= 0 (and the rules of :class:`Schedule`).
+        ValueError: if ``rate`` <= 0 (and the rules of `Schedule`).
 
-    Example:
+    Examples:
         >>> s = ExponentialSchedule(final=1.0, start=0, end=100, rate=5.0)
         >>> round(s.value(20, total_steps=100), 4)
         0.6364
@@ -382,7 +382,7 @@ class OneShotSchedule(Schedule):
         initial: the value before ``at``.
         at: step (int) or fraction (float) of the jump.
 
-    Example:
+    Examples:
         >>> s = OneShotSchedule(final=0.9, at=0.5)
         >>> s.value(49, total_steps=100), s.value(50, total_steps=100), s.update_steps(100)
         (0.0, 0.9, [50])
@@ -414,9 +414,9 @@ class IterativeSchedule(Schedule):
         steps: number of jumps, >= 1.
 
     Raises:
-        ValueError: if ``steps`` < 1 (and the rules of :class:`Schedule`).
+        ValueError: if ``steps`` < 1 (and the rules of `Schedule`).
 
-    Example:
+    Examples:
         >>> s = IterativeSchedule(final=0.75, start=0, end=60, steps=3)
         >>> s.update_steps(100), [s.value(t, 100) for t in (0, 29, 30, 60)]
         ([0, 30, 60], [0.25, 0.25, 0.5, 0.75])

@@ -1,7 +1,7 @@
 """``lightning-opt``: the commands, on top of the library (nothing in ``lightning_opt`` imports this package).
 
 Each command is a module here with ``main(argv: list[str]) -> int``: ``fit``, ``validate``, ``test`` and ``predict``
-(:mod:`lightning_opt.cli.run`, LightningCLI), ``search``, ``report``, ``export`` and ``plan``. This module reads only
+(`lightning_opt.cli.run`, LightningCLI), ``search``, ``report``, ``export`` and ``plan``. This module reads only
 the command name before importing anything heavy, so ``lightning-opt --help`` and a mistyped command answer at once.
 
 Errors: bad input of any kind (an unknown key, a wrong value, a missing or unreadable checkpoint, an unwritable
@@ -20,7 +20,6 @@ from lightning_opt._errors import debug_enabled, error_message, is_user_error
 
 __all__ = ["COMMANDS", "main"]
 
-#: Command name -> (module under ``lightning_opt.cli``, one-line summary for ``--help``).
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("run", "train a recipe (then test it and write the compression report)"),
     "validate": ("run", "validate a recipe's model (from --ckpt_path)"),
@@ -31,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "measure a checkpoint: params, size, FLOPs, latency, test metric"),
     "export": ("export", "turn a checkpoint into a measured int8 .pt2 or ONNX artifact"),
 }
+"""Command name -> (module under ``lightning_opt.cli``, one-line summary for ``--help``)."""
 
 _USAGE = "usage: lightning-opt [-h] [--version] {" + ",".join(COMMANDS) + "} ..."
 
@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
         SystemExit: With code 2 on bad input (one message on stderr), 0 after ``--help``.
 
-    Example:
+    Examples:
         >>> main(["--version"])  # doctest: +ELLIPSIS
         lightning-opt ...
         0

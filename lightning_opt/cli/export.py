@@ -1,6 +1,6 @@
 """``lightning-opt export --config RECIPE --ckpt_path CKPT``: a checkpoint as a measured int8 ``.pt2`` or ONNX file.
 
-The work is :func:`lightning_opt.quantization.export.export_checkpoint`; this module reads the command line.
+The work is `lightning_opt.quantization.export.export_checkpoint`; this module reads the command line.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``lightning-opt fit|validate|test|predict --config RECIPE``: LightningCLI's commands with the project's defaults.
 
-See :class:`lightning_opt.recipe.LightningOptCLI` for what the recipe layer adds (TensorBoard by default, the
+See `lightning_opt.recipe.LightningOptCLI` for what the recipe layer adds (TensorBoard by default, the
 compression report, ``--test_after_fit``, the list of written files at the end of ``fit``).
 """
 

@@ -34,7 +34,7 @@ def main(argv: Sequence[str]) -> int:
     Raises:
         ValueError: On bad input (nothing was run): the recipe, its ``search:`` section, an override, the storage.
 
-    Example:
+    Examples:
         >>> main(["--config", "recipes/search/hpo_digits.yaml", "--search.n_trials=2"])  # doctest: +SKIP
         0
     """

@@ -1,4 +1,4 @@
-"""Loading and freezing the teacher of a :class:`~lightning_opt.distillation.DistillationModule`."""
+"""Loading and freezing the teacher of a `DistillationModule`."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _load_weights(teacher: nn.Module, ckpt: dict[str, Any], path: str) -> None:
 
 
 def load_teacher(teacher: nn.Module | None, teacher_class: str | None, teacher_checkpoint: str | None) -> nn.Module:
-    """Build the teacher from the three ways a :class:`DistillationModule` accepts it.
+    """Build the teacher from the three ways a `DistillationModule` accepts it.
 
     * ``teacher`` alone: used as given (already trained);
     * ``teacher`` + ``teacher_checkpoint``: the checkpoint's weights (Lightning ``state_dict`` or a plain one) are

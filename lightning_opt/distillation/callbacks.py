@@ -1,4 +1,4 @@
-"""Callbacks that go with :class:`~lightning_opt.distillation.DistillationModule`."""
+"""Callbacks that go with `DistillationModule`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class StudentCheckpoint(Callback):
     The file loads with ``StudentClass.load_from_checkpoint(path)``. The callbacks' checkpoint states (pruning masks,
     QAT records) are kept in it, optimizer and loop states are not. When the run was started by ``lightning-opt fit``
     (LightningCLI), a ``student.yaml`` is written beside it: the run's config with the student as the model and
-    without this callback, so that the student can be fine-tuned, tested or exported alone::
+    without this callback, so that the student can be fine-tuned, tested or exported alone:
 
         lightning-opt export --config runs/distill_digits/version_0/student.yaml \
             --ckpt_path runs/distill_digits/version_0/student.ckpt
@@ -35,9 +35,9 @@ class StudentCheckpoint(Callback):
 
     Raises:
         ValueError: If ``filename`` is empty or contains a path separator; at fit start, if the model is not a
-            :class:`~lightning_opt.distillation.DistillationModule`.
+            `DistillationModule`.
 
-    Example:
+    Examples:
         >>> StudentCheckpoint(dirpath="runs/student", filename="student.ckpt").filename
         'student.ckpt'
     """

@@ -1,7 +1,7 @@
 """Distillation losses: pure functions and thin ``nn.Module`` wrappers.
 
 The functions hold the maths and are tested against reference formulas; the modules only keep the hyperparameters
-(and, for feature distillation, the learned adapters) so that a :class:`~lightning_opt.distillation.DistillationModule`
+(and, for feature distillation, the learned adapters) so that a `DistillationModule`
 or any user code can hold them as sub-modules.
 
 Conventions:
@@ -10,7 +10,7 @@ Conventions:
   ``alpha = 0`` is plain supervised training, ``alpha = 1`` uses the teacher alone.
 * The soft term is Hinton et al. (2015): ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over
   the batch. The ``T^2`` factor keeps its gradient magnitude comparable with the hard term when ``T`` changes.
-* Sequence models (next-token logits ``(B, L, V)``) are distilled per token: :func:`token_logits` flattens them to
+* Sequence models (next-token logits ``(B, L, V)``) are distilled per token: `token_logits` flattens them to
   ``(B * L, V)`` (and their targets to ``(B * L,)``) so that the soft loss runs over the vocabulary, the last dim.
 """
 
@@ -99,7 +99,7 @@ def token_logits(logits: Tensor, target: Tensor | None = None) -> tuple[Tensor, 
     Returns:
         ``(logits, target)`` with the classes (the vocabulary) along dim 1 and one row per token.
 
-    Example:
+    Examples:
         >>> logits, target = token_logits(torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long))
         >>> tuple(logits.shape), tuple(target.shape)
         ((10, 7), (10,))
@@ -128,7 +128,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     Raises:
         ValueError: If the shapes differ or ``temperature <= 0``.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[1.0, 2.0, 3.0]])
         >>> round(kd_loss(s, s, temperature=2.0).item(), 6)
         0.0
@@ -167,7 +167,7 @@ def token_kd_loss(
 
     ``forward_kl``: ``T^2 * sum_v p_t(v) (log p_t(v) - log p_s(v))``; ``reverse_kl``:
     ``T^2 * sum_v p_s(v) (log p_s(v) - log p_t(v))``, with ``p = softmax(logits / T)`` over dim 1 (the classes, the
-    vocabulary of :func:`token_logits` rows). Rows where ``mask`` is False (padding, ``targets == -100``) contribute
+    vocabulary of `token_logits` rows). Rows where ``mask`` is False (padding, ``targets == -100``) contribute
     nothing, to the value or the gradient: the mean is over the kept rows (zero when none is kept).
 
     Args:
@@ -183,7 +183,7 @@ def token_kd_loss(
     Raises:
         ValueError: If the shapes differ, ``temperature <= 0``, ``kind`` is unknown or ``mask`` has the wrong shape.
 
-    Example:
+    Examples:
         >>> s, t = torch.tensor([[0.0, 1.0], [5.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 5.0]])
         >>> round(token_kd_loss(s, t, mask=torch.tensor([True, False])).item(), 4)  # the 2nd row counts in nothing
         0.4621
@@ -218,11 +218,11 @@ def topk_kd_loss(
     kind: KDDivergence = "forward_kl",
     mask: Tensor | None = None,
 ) -> Tensor:
-    """:func:`token_kd_loss` against a teacher kept as its ``k`` largest logits per row (a memory-bounded cache).
+    """`token_kd_loss` against a teacher kept as its ``k`` largest logits per row (a memory-bounded cache).
 
     The approximation: both distributions are renormalised over the teacher's ``k`` kept tokens (the student's
     logits are gathered there), so the loss is the KL between the two restricted to that set. It equals
-    :func:`token_kd_loss` when ``k`` is the whole vocabulary; with a smaller ``k`` it ignores the teacher's tail (the
+    `token_kd_loss` when ``k`` is the whole vocabulary; with a smaller ``k`` it ignores the teacher's tail (the
     mass outside the top-k) and the student's mass there gets no gradient from the soft loss.
 
     Args:
@@ -239,7 +239,7 @@ def topk_kd_loss(
     Raises:
         ValueError: If the teacher's values and indices differ in shape or do not match the student's rows.
 
-    Example:
+    Examples:
         >>> s, t = torch.randn(4, 9), torch.randn(4, 9)
         >>> full = token_kd_loss(s, t, 2.0)
         >>> values, indices = t.topk(9)
@@ -281,7 +281,7 @@ def hinton_loss(
     Raises:
         ValueError: If ``alpha`` is outside [0, 1], ``temperature <= 0`` or the logits' shapes differ.
 
-    Example:
+    Examples:
         >>> s, t, y = torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1])
         >>> round(hinton_loss(s, t, y, alpha=0.0).item(), 4) == round(math.log(3), 4)
         True
@@ -296,7 +296,7 @@ def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """FitNets hint loss: mean squared error between (adapted) student features and teacher features.
 
     Args:
-        student_features: Student activations, already mapped to the teacher's shape (see :class:`FeatureAdapter`).
+        student_features: Student activations, already mapped to the teacher's shape (see `FeatureAdapter`).
         teacher_features: Teacher activations (detached).
 
     Returns:
@@ -305,7 +305,7 @@ def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     Raises:
         ValueError: If the shapes differ.
 
-    Example:
+    Examples:
         >>> round(feature_loss(torch.ones(2, 4), torch.zeros(2, 4)).item(), 4)
         1.0
     """
@@ -320,7 +320,7 @@ def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 def agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Fraction of samples on which student and teacher predict the same class (top-1).
 
-    Example:
+    Examples:
         >>> agreement(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 0.0], [2.0, 0.0]])).item()
         0.5
     """
@@ -329,7 +329,7 @@ def agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`.
+    """Module form of `kd_loss`.
 
     Args:
         temperature: Softmax temperature ``T > 0``.
@@ -337,7 +337,7 @@ class KDLoss(nn.Module):
     Raises:
         ValueError: If ``temperature <= 0``.
 
-    Example:
+    Examples:
         >>> loss = KDLoss(temperature=4.0)
         >>> loss(torch.randn(8, 10), torch.randn(8, 10)).shape
         torch.Size([])
@@ -352,7 +352,7 @@ class KDLoss(nn.Module):
 
 
 class HintonLoss(nn.Module):
-    """Module form of :func:`hinton_loss`.
+    """Module form of `hinton_loss`.
 
     Args:
         alpha: Weight of the soft term, in [0, 1].
@@ -361,7 +361,7 @@ class HintonLoss(nn.Module):
     Raises:
         ValueError: If ``alpha`` is outside [0, 1] or ``temperature <= 0``.
 
-    Example:
+    Examples:
         >>> loss = HintonLoss(alpha=0.9, temperature=4.0)
         >>> loss(torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))).shape
         torch.Size([])
@@ -389,7 +389,7 @@ class FeatureAdapter(nn.Module):
         student_shape: Shape of one student feature sample, without the batch dimension.
         teacher_shape: Shape of one teacher feature sample, without the batch dimension.
 
-    Example:
+    Examples:
         >>> adapter = FeatureAdapter((16, 8, 8), (32, 4, 4))
         >>> adapter(torch.randn(2, 16, 8, 8)).shape
         torch.Size([2, 32, 4, 4])
@@ -426,12 +426,12 @@ class FeatureAdapter(nn.Module):
 
 
 class FeatureDistillationLoss(nn.Module):
-    """FitNets-style loss over several named layer pairs, with one learned :class:`FeatureAdapter` per pair.
+    """FitNets-style loss over several named layer pairs, with one learned `FeatureAdapter` per pair.
 
     Args:
         shapes: ``{pair_name: (student_shape, teacher_shape)}``, shapes without the batch dimension.
 
-    Example:
+    Examples:
         >>> loss = FeatureDistillationLoss({"block1": ((8, 4, 4), (16, 4, 4))})
         >>> out = loss({"block1": torch.randn(2, 8, 4, 4)}, {"block1": torch.randn(2, 16, 4, 4)})
         >>> out.shape

@@ -85,13 +85,13 @@ class DistillationModule(LightningModule):
     path, or the ``teacher`` config the CLI saved), so a checkpoint weighs what the student (plus feature adapters)
     weighs.
 
-    **Student out alone.** :meth:`export_student` (or the :class:`~lightning_opt.distillation.StudentCheckpoint`
+    **Student out alone.** `export_student` (or the `StudentCheckpoint`
     callback at the end of fit) writes a Lightning checkpoint of the student only, loadable with
     ``StudentClass.load_from_checkpoint`` and, with the ``student.yaml`` the callback writes beside it, by
     ``lightning-opt export``. A teacher passed as a Python object is not recorded: pass it again when rebuilding.
 
     Batches are ``(inputs, y)``, ``(inputs, y, index)`` or a dict (``{"input_ids": ..., "attention_mask": ...,
-    "labels": ...}``), read with :mod:`lightning_opt.inputs`: ``inputs`` is a tensor (``student(x)``), a tuple of
+    "labels": ...}``), read with `lightning_opt.inputs`: ``inputs`` is a tensor (``student(x)``), a tuple of
     positional tensors (``student(input_ids, attention_mask)``) or a dict of keyword tensors, with their real dtypes;
     ``student.example_input_array`` may take any of these forms too. Samples labelled -1 (the unlabelled *transfer
     set* of a datamodule's ``labeled_size``) get the soft (and feature) loss only: the hard loss averages over the
@@ -99,7 +99,7 @@ class DistillationModule(LightningModule):
     only. The index (``return_index=True`` on the project's datamodules) is needed only for
     ``cache_teacher_outputs``. The student's ``forward`` returns logits: ``(N, C)`` for a classifier, or next-token
     logits ``(B, L, V)`` with targets ``(B, L)`` for a language model, distilled per token over the vocabulary
-    (:func:`~lightning_opt.distillation.losses.token_logits`).
+    (`token_logits`).
 
     Args:
         student: The LightningModule to train (its ``forward`` returns logits).
@@ -108,7 +108,7 @@ class DistillationModule(LightningModule):
         teacher_checkpoint: Path of the teacher's checkpoint. Alone, the class is read from the ``_class_path`` that
             ``lightning-opt fit`` records in the checkpoint.
         alpha: Weight of the soft loss in [0, 1] (1 - alpha goes to the hard-label cross-entropy), or a
-            :class:`~lightning_opt.schedules.Schedule` over training steps.
+            `Schedule` over training steps.
         temperature: Softmax temperature > 0, or a schedule.
         feature_layers: ``{student_layer_name: teacher_layer_name}`` pairs for FitNets hint losses; a learned
             adapter (1x1 conv or linear) maps each student feature to its teacher's shape when they differ.
@@ -122,11 +122,11 @@ class DistillationModule(LightningModule):
             ``T^2``-scaled, per token for next-token logits.
 
     **Language models.** For ``(B, L, V)`` logits with ``(B, L)`` targets the soft and hard losses are means over
-    the real tokens: targets equal to -100 (padding, :data:`lightning_opt.lm.IGNORE_INDEX`) count in neither, whatever
+    the real tokens: targets equal to -100 (padding, `lightning_opt.lm.IGNORE_INDEX`) count in neither, whatever
     the logits there. Teacher and student may differ in width and depth but must share the vocabulary: the logits'
     last dimension is compared on the probe (at construction when the student has an ``example_input_array``, else
     at ``setup``), and the tokenizer fingerprint recorded in ``teacher_checkpoint`` (by
-    :class:`~lightning_opt.lm.LanguageModel`) is compared with the datamodule's tokenizer at ``setup``, both before
+    `LanguageModel`) is compared with the datamodule's tokenizer at ``setup``, both before
     the first step.
 
     Raises:
@@ -137,7 +137,7 @@ class DistillationModule(LightningModule):
             arguments are missing, ambiguous or its checkpoint incompatible.
         FileNotFoundError: If ``teacher_checkpoint`` does not exist.
 
-    Example:
+    Examples:
         >>> from lightning_opt.module import ImageClassifier
         >>> teacher = ImageClassifier("small_cnn", backbone_kwargs={"channels": [16, 32]})
         >>> student = ImageClassifier("mlp", backbone_kwargs={"hidden": [16]})
@@ -614,7 +614,7 @@ class DistillationModule(LightningModule):
     def export_student(self, path: str) -> str:
         """Write the student alone as a Lightning checkpoint at ``path`` (rank zero writes) and return the path.
 
-        Example:
+        Examples:
             >>> import os, tempfile
             >>> from lightning_opt.module import ImageClassifier
             >>> student = ImageClassifier("mlp", backbone_kwargs={"hidden": [16]})

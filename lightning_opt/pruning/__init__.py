@@ -1,6 +1,6 @@
 """Pruning for Lightning: scheduled unstructured, channel and N:M sparsity as one callback.
 
-Example:
+Examples:
     >>> from lightning_opt.pruning import Pruning
     >>> from lightning_opt.schedules import PolynomialSchedule
     >>> cb = Pruning(schedule=PolynomialSchedule(final=0.9, start=0.1, end=0.7), granularity="unstructured")

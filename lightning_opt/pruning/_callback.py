@@ -74,7 +74,7 @@ class Pruning(Callback):
             For ``"unstructured"`` a fraction of weights, for ``"channel"`` a fraction of output channels, for
             ``"nm"`` it must end at ``(m - n) / m`` (it can ramp: zeros per group = ``floor(value * m)``).
         granularity: ``"unstructured"``, ``"channel"`` or ``"nm"``.
-        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` or a :class:`Criterion` instance (``class_path``).
+        criterion: ``"magnitude"``, ``"random"``, ``"taylor"`` or a `Criterion` instance (``class_path``).
         scope: ``"global"`` (one threshold across layers) or ``"layer"`` (each layer reaches the target).
             N:M is always per group of ``m``.
         module_types: which modules to prune, ``torch.nn`` class names or class paths (default Conv1d/2d/3d, Linear,
@@ -89,7 +89,7 @@ class Pruning(Callback):
         m: group size for ``"nm"``.
         remove_channels: with ``"channel"``, remove the pruned channels at the end of fit (Torch-Pruning) and add
             before/after rows to the ``CompressionReport``; also writes ``pruned_model.pt`` (see
-            :func:`~lightning_opt.pruning.load_pruned`) next to the logs.
+            `load_pruned`) next to the logs.
         example_input_shape: shape of a float input (``torch.randn``) for tracing channel groups when the
             LightningModule has no ``example_input_array`` (e.g. ``[1, 3, 32, 32]``); without either, the inputs of
             the first training batch are used (any form: tensor, tuple, dict; real values and dtypes).
@@ -110,7 +110,7 @@ class Pruning(Callback):
             True (then it is only a warning).
 
     Raises:
-        TypeError: if ``schedule`` is not a :class:`~lightning_opt.schedules.Schedule`.
+        TypeError: if ``schedule`` is not a `Schedule`.
         ValueError: if ``schedule.final`` or ``schedule.initial`` is outside [0, 1) or ``initial > final``;
             ``granularity``/``scope``/``remask`` is unknown; ``criterion`` is unknown; ``n``/``m`` are invalid
             (``n >= m``) or the schedule does not end at ``(m - n) / m``; an ``overrides`` value is outside [0, 1)
@@ -122,7 +122,7 @@ class Pruning(Callback):
         RuntimeError: at fit end, if the removed model's outputs differ from the masked model's beyond tolerance
             and ``allow_output_change`` is False (``pruned_model.pt`` is not written).
 
-    Example:
+    Examples:
         >>> from lightning_opt.schedules import PolynomialSchedule
         >>> cb = Pruning(schedule=PolynomialSchedule(final=0.9, start=0.1, end=0.7, frequency=10))
         >>> cb.granularity, cb.scope

@@ -129,12 +129,12 @@ class ChannelGroups:
         model: the model (the LightningModule) to trace.
         roots: ``{name: module}`` allowed as pruning roots; others (and output layers) are not pruned.
         example_inputs: an input for one forward pass: a tensor, a tuple of positional inputs or a dict of keyword
-            inputs (:mod:`lightning_opt.inputs`).
+            inputs (`lightning_opt.inputs`).
         transformer: configure Torch-Pruning for transformers and blocks it does not know by itself
-            (:func:`~lightning_opt.pruning._attention.transformer_config`): attention heads are groups pruned as
+            (`transformer_config`): attention heads are groups pruned as
             whole heads (head counts updated on removal), Hugging Face ``Conv1D``, layer scale; groups that removal
             cannot keep equal (the hidden size set by embeddings, channels a LayerNorm normalises over) are left out
-            and listed in :attr:`excluded`.
+            and listed in `excluded`.
 
     Raises:
         UnsupportedModelError: if Torch-Pruning fails while tracing the model (the message names the layers next to
@@ -314,7 +314,7 @@ class ChannelGroups:
             params: ``{parameter name: tensor}`` (for shapes and devices).
 
         Returns:
-            ``{parameter name: bool mask}`` for :attr:`param_names`.
+            ``{parameter name: bool mask}`` for `param_names`.
         """
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.param_names}
         for gname, g in self.groups.items():
@@ -406,14 +406,14 @@ def rehearse_removal(
 
     Each pass deep-copies the model, masks a ``fraction`` of the channels of every group still believed removable,
     records the masked model's outputs on ``example_inputs`` (eval mode), then removes the groups one by one and
-    compares the outputs after each removal (:func:`output_error`). The first group whose removal raises or changes
+    compares the outputs after each removal (`output_error`). The first group whose removal raises or changes
     the outputs is recorded and the pass restarts without it, until a pass removes all the rest cleanly.
 
     Args:
         model: the model (never modified).
         roots: ``{name: module of model}`` allowed as roots.
         example_inputs: the example (tensor, tuple or dict).
-        transformer: as for :class:`ChannelGroups`.
+        transformer: as for `ChannelGroups`.
         fraction: share of channels masked per group.
 
     Returns:
@@ -457,15 +457,15 @@ def rehearse_removal(
 def save_pruned(model: nn.Module, path: str | Path) -> None:
     """Save a model whose channels were removed: its weights and the changed layer shapes, as plain tensors and ints.
 
-    The file holds the model's ``state_dict`` and :func:`pruned_structure` (layer widths, head counts, kept heads),
-    nothing that needs code to load: :func:`load_pruned` reads it with ``torch.load(weights_only=True)`` into a
+    The file holds the model's ``state_dict`` and `pruned_structure` (layer widths, head counts, kept heads),
+    nothing that needs code to load: `load_pruned` reads it with ``torch.load(weights_only=True)`` into a
     freshly built model of the same class. The file is written atomically (a temporary name, then a rename).
 
     Args:
         model: the pruned model (a LightningModule or any ``nn.Module``).
         path: file to write.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
         >>> p = os.path.join(tempfile.mkdtemp(), "pruned.pt")
@@ -480,18 +480,18 @@ def save_pruned(model: nn.Module, path: str | Path) -> None:
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load :func:`save_pruned` output (weights-only) into a freshly built (unpruned) model of the same class.
+    """Load `save_pruned` output (weights-only) into a freshly built (unpruned) model of the same class.
 
     Args:
         model: a new instance built with the original constructor arguments.
-        path: the file written by :func:`save_pruned`.
+        path: the file written by `save_pruned`.
 
     Returns:
         ``model``, reshaped to the pruned architecture and holding the pruned weights, in ``model``'s train/eval
         mode.
 
     Raises:
-        ValueError: if the file was not written by :func:`save_pruned`, or names a layer ``model`` lacks.
+        ValueError: if the file was not written by `save_pruned`, or names a layer ``model`` lacks.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != _PRUNED_FORMAT:
@@ -505,7 +505,7 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     return model.train(training)
 
 
-#: Shape attributes of every layer, in checkpoints and in :func:`save_pruned` files.
+#: Shape attributes of every layer, in checkpoints and in `save_pruned` files.
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features")
 _PRUNED_FORMAT = "lightning_opt.pruned/2"
 STRUCTURE_KEY = "lightning_opt_pruned_structure"
@@ -514,8 +514,8 @@ STRUCTURE_KEY = "lightning_opt_pruned_structure"
 def pruned_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The shape attributes of every layer (plain ints, so a checkpoint holding them loads with ``weights_only``).
 
-    :class:`~lightning_opt.pruning.Pruning` stores this in every checkpoint saved after channel removal, under
-    ``"lightning_opt_pruned_structure"``; :func:`restore_pruned_structure` uses it to rebuild the thin layers.
+    `Pruning` stores this in every checkpoint saved after channel removal, under
+    ``"lightning_opt_pruned_structure"``; `restore_pruned_structure` uses it to rebuild the thin layers.
     """
     out: dict[str, dict[str, Any]] = {
         name: {a: int(getattr(module, a)) for a in _SHAPE_ATTRS if isinstance(getattr(module, a, None), int)}
@@ -537,7 +537,7 @@ def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bo
     Returns:
         True when layers were reshaped (the checkpoint holds a pruned structure).
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
         >>> g = ChannelGroups(m, {"0": m[0]}, torch.zeros(1, 4))
         >>> _ = g.remove({"0": torch.tensor([True, False, True])})

@@ -18,7 +18,7 @@ class Criterion(ABC):
     one. A criterion returns one score per element; structured granularities sum the scores of a channel.
 
     Attributes:
-        needs_grad: whether :meth:`score` reads the gradient (the callback then scores in
+        needs_grad: whether `score` reads the gradient (the callback then scores in
             ``on_before_optimizer_step``, where gradients of the current step are complete and unscaled).
     """
 
@@ -52,7 +52,7 @@ class MagnitudeCriterion(Criterion):
     Raises:
         ValueError: if ``p`` is not 1 or 2.
 
-    Example:
+    Examples:
         >>> MagnitudeCriterion(p=2).score(torch.tensor([-3.0, 1.0]), None, name="w", step=0)
         tensor([9., 1.])
     """
@@ -72,7 +72,7 @@ class RandomCriterion(Criterion):
     Args:
         seed: base seed; the same seed gives the same masks in every process and on resume.
 
-    Example:
+    Examples:
         >>> c = RandomCriterion(seed=3)
         >>> torch.equal(c.score(torch.ones(4), None, name="a", step=5), c.score(torch.ones(4), None, name="a", step=5))
         True
@@ -93,7 +93,7 @@ class TaylorCriterion(Criterion):
     Scores use the gradient of the update step (after gradient accumulation, unscaled under AMP). Before the first
     backward pass there is no gradient and the score falls back to ``|w|``.
 
-    Example:
+    Examples:
         >>> TaylorCriterion().score(torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0]), name="w", step=0)
         tensor([1., 3.])
     """
@@ -117,7 +117,7 @@ def resolve_criterion(criterion: Criterion | str) -> Criterion:
     """Turn a criterion name (``"magnitude"``, ``"random"``, ``"taylor"``) or instance into an instance.
 
     Args:
-        criterion: a :class:`Criterion` instance or one of the names.
+        criterion: a `Criterion` instance or one of the names.
 
     Returns:
         The criterion instance.

@@ -29,9 +29,6 @@ __all__ = [
     "unstructured_masks",
 ]
 
-#: Module types pruned by default. ``MultiheadAttention`` contributes its input projections (``in_proj_weight``, or
-#: ``q/k/v_proj_weight``; its ``out_proj`` is a ``Linear``); Hugging Face's ``Conv1D`` (GPT-2) is used when
-#: ``transformers`` is installed.
 DEFAULT_MODULE_TYPES = (
     "Conv1d",
     "Conv2d",
@@ -40,6 +37,9 @@ DEFAULT_MODULE_TYPES = (
     "MultiheadAttention",
     "transformers.pytorch_utils.Conv1D",
 )
+"""Module types pruned by default. ``MultiheadAttention`` contributes its input projections (``in_proj_weight``, or
+``q/k/v_proj_weight``; its ``out_proj`` is a ``Linear``); Hugging Face's ``Conv1D`` (GPT-2) is used when
+``transformers`` is installed."""
 _OPTIONAL_TYPES = ("transformers.pytorch_utils.Conv1D",)
 
 
@@ -61,7 +61,7 @@ def module_weights(module: nn.Module) -> list[tuple[str, int]]:
     Returns:
         The list, empty when the module has no prunable weight of its own.
 
-    Example:
+    Examples:
         >>> module_weights(nn.MultiheadAttention(8, 2))
         [('in_proj_weight', 1)]
         >>> module_weights(nn.Linear(2, 3))
@@ -103,7 +103,7 @@ def select_modules(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> dict[str, nn.Module]:
-    """Modules to prune: of ``module_types``, with a prunable weight (:func:`module_weights`), name matching
+    """Modules to prune: of ``module_types``, with a prunable weight (`module_weights`), name matching
     ``include`` and not ``exclude``.
 
     Args:
@@ -118,7 +118,7 @@ def select_modules(
     Raises:
         ValueError: if an ``include`` regex matches no prunable module (the message lists them), or nothing is left.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> list(select_modules(m, ["Linear"], exclude=[r"^2$"]))
         ['0']
@@ -152,12 +152,12 @@ def select_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> dict[s
 
     Args:
         model: the model holding ``modules``.
-        modules: ``{module name: module}`` (e.g. from :func:`select_modules`).
+        modules: ``{module name: module}`` (e.g. from `select_modules`).
 
     Returns:
         ``{parameter name: (selecting module name, input axis)}``.
 
-    Example:
+    Examples:
         >>> emb = nn.Embedding(10, 4)
         >>> head = nn.Linear(4, 10, bias=False)
         >>> head.weight = emb.weight
@@ -186,7 +186,7 @@ def coverage(model: nn.Module, covered: Iterable[str]) -> tuple[float, list[tupl
         ``(covered fraction of all parameter elements, [(name, owner module type, fraction of all elements)])`` for
         every parameter not covered, largest first.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
         >>> share, left = coverage(m, ["0.weight"])
         >>> round(share, 3), [(n, t) for n, t, _ in left]
@@ -241,7 +241,7 @@ def unstructured_masks(
     Returns:
         New masks for every name in the pools.
 
-    Example:
+    Examples:
         >>> s = {"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([2.0, 3.0])}
         >>> m = {k: torch.ones(2, dtype=torch.bool) for k in s}
         >>> unstructured_masks(s, m, [(["a", "b"], 0.5)])
@@ -276,7 +276,7 @@ def nm_masks(score: Tensor, mask: Tensor, n: int, m: int, pruned_per_group: int)
     Raises:
         ValueError: if the input dimension is not divisible by ``m``.
 
-    Example:
+    Examples:
         >>> w = torch.tensor([[1.0, -4.0, 3.0, 2.0, 0.5, 0.1, 0.2, 9.0]])
         >>> nm_masks(w.abs(), torch.ones_like(w, dtype=torch.bool), 2, 4, 2).int()
         tensor([[0, 1, 1, 0, 1, 0, 0, 1]], dtype=torch.int32)
@@ -322,7 +322,7 @@ def channel_keep(
     Returns:
         New keep vectors for every group in the pools.
 
-    Example:
+    Examples:
         >>> keep = {"c": torch.ones(4, dtype=torch.bool)}
         >>> channel_keep({"c": torch.tensor([3.0, 1.0, 2.0, 4.0])}, keep, [(["c"], 0.5)])
         {'c': tensor([ True, False, False,  True])}
@@ -384,7 +384,7 @@ def apply_masks(module: nn.Module, masks: Mapping[str, Tensor], strict: bool = T
     Raises:
         KeyError: if ``strict`` and a mask has no parameter of that name and shape.
 
-    Example:
+    Examples:
         >>> lin = nn.Linear(2, 1, bias=False)
         >>> _ = apply_masks(lin, {"weight": torch.tensor([[True, False]])})
         >>> float(lin.weight[0, 1].abs())

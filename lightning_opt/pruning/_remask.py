@@ -50,7 +50,7 @@ class Remasker:
     Args:
         kernel: ``"auto"``, ``"foreach"`` or ``"compiled"`` (see the module docstring).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
         >>> r = Remasker("foreach")

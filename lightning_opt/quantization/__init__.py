@@ -2,13 +2,13 @@
 
 Public API:
 
-- :class:`QuantizationAwareTraining`: the QAT callback (fake quantization, fit-end int8 ``.pt2`` artifact).
-- :class:`PostTrainingQuantization`: static PTQ with calibration batches at fit end.
-- :func:`restore_quantized_structure`: rebuild the fake-quant structure from a checkpoint (``on_load_checkpoint``).
-- :func:`prepare`, :func:`calibrate`, :func:`convert`, :func:`save_artifact`, :func:`load_artifact`,
-  :class:`CompiledInference`: the pt2e steps as plain functions.
-- :func:`export_onnx`, :func:`quantize_onnx`, :class:`OnnxRuntimeModel`: the ONNX Runtime route.
-- :mod:`linear`: torchao ``quantize_`` schemes for Linear-heavy models (``linear.quantize(model, "int8_dynamic")``,
+- `QuantizationAwareTraining`: the QAT callback (fake quantization, fit-end int8 ``.pt2`` artifact).
+- `PostTrainingQuantization`: static PTQ with calibration batches at fit end.
+- `restore_quantized_structure`: rebuild the fake-quant structure from a checkpoint (``on_load_checkpoint``).
+- `prepare`, `calibrate`, `convert`, `save_artifact`, `load_artifact`,
+  `CompiledInference`: the pt2e steps as plain functions.
+- `export_onnx`, `quantize_onnx`, `OnnxRuntimeModel`: the ONNX Runtime route.
+- `linear`: torchao ``quantize_`` schemes for Linear-heavy models (``linear.quantize(model, "int8_dynamic")``,
   ``prepare_qat``/``convert_qat``, ``save_state``/``load_state``, ``save_artifact``/``load_artifact``, ``measure``);
   the callbacks' ``scheme=`` option.
 """

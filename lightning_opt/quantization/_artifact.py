@@ -48,7 +48,7 @@ def accuracy(model: nn.Module | Any, batches: Iterable[Any], fixed_batch: int | 
 
     Args:
         model: a module or callable returning logits (``(N, C)``, ``(N, T, C)`` or ``(N * T, C)``).
-        batches: labelled dataloader batches (see :func:`lightning_opt.inputs.batch_inputs`/``batch_target``).
+        batches: labelled dataloader batches (see `lightning_opt.inputs.batch_inputs`/``batch_target``).
         fixed_batch: pad every batch to this many rows (repeating real rows) so a shape-specialized compiled model
             sees a single shape; the padded rows are discarded.
 

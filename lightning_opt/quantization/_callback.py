@@ -25,8 +25,8 @@ from lightning_opt.schedules import check_point, resolve_step
 
 __all__ = ["CHECKPOINT_KEY", "PostTrainingQuantization", "QuantizationAwareTraining", "restore_quantized_structure"]
 
-#: Where a checkpoint keeps the quantization state (which submodules are fake-quantized, with their specs).
 CHECKPOINT_KEY = "lightning_opt_quantization"
+"""Where a checkpoint keeps the quantization state (which submodules are fake-quantized, with their specs)."""
 
 
 def _resolve_point(value: int | float | None, total: float, name: str) -> int | None:
@@ -131,7 +131,7 @@ def restore_quantized_structure(model: nn.Module, checkpoint: dict[str, Any]) ->
         ValueError: if the whole model was quantized (``module=""``): a root cannot replace itself; quantize a
             submodule such as ``backbone`` to make the checkpoint loadable without the callback.
 
-    Example:
+    Examples:
         >>> class Classifier(pl.LightningModule):  # doctest: +SKIP
         ...     def on_load_checkpoint(self, checkpoint):
         ...         restore_quantized_structure(self, checkpoint)
@@ -220,7 +220,7 @@ class _Int8Callback(Callback):
         return path
 
     def build_spec(self, pl_module: nn.Module, example: Any) -> _pt2e.QuantSpec:
-        """Validate the configuration against the model and freeze it into a :class:`QuantSpec`.
+        """Validate the configuration against the model and freeze it into a `QuantSpec`.
 
         Args:
             pl_module: the root model.
@@ -448,7 +448,7 @@ class QuantizationAwareTraining(_Int8Callback):
     during validation. At fit end the graph is converted (``convert_pt2e``) to int8, saved with
     ``torch.export.save`` as ``.pt2``, loaded back, compiled with inductor freezing (oneDNN int8 kernels), evaluated
     on the test set and timed beside the fp32 model; the figures become the ``int8`` column of the
-    :class:`~lightning_opt.reporting.CompressionReport` and a ``.json`` next to the artifact.
+    `CompressionReport` and a ``.json`` next to the artifact.
 
     TensorBoard (each validation during QAT): ``quant/scale/<layer>``, ``quant/zero_point/<layer>``,
     ``quant/weight_scale/<layer>``, ``quant/sqnr_db/<layer>`` (fake-quant vs fp32 on a validation batch); at the end
@@ -476,7 +476,7 @@ class QuantizationAwareTraining(_Int8Callback):
         log_every_n_val: log ranges and SQNR every n-th validation run (0 turns it off).
         scheme: ``"pt2e_static"`` (this graph path, for CNNs), or a torchao ``quantize_`` scheme for Linear-heavy
             models: ``"int8_dynamic"`` / ``"int8_weight_only"`` (fake-quantized ``nn.Linear``/``nn.Embedding`` from
-            the first step, converted at fit end; see :mod:`lightning_opt.quantization._linear`).
+            the first step, converted at fit end; see `lightning_opt.quantization._linear`).
 
     Raises:
         ValueError: for an unsupported ``dtype`` or scheme, a bad ``start``/freeze point (negative, a fraction
@@ -484,7 +484,7 @@ class QuantizationAwareTraining(_Int8Callback):
             pattern matching no module, a ``module`` path that does not exist.
         QuantizationExportError: when the model cannot be exported; names the submodule and the failing op.
 
-    Example:
+    Examples:
         >>> from lightning_opt.module import ImageClassifier
         >>> qat = QuantizationAwareTraining(start=0.3, freeze_observers=0.8, freeze_bn=0.9, skip=["head"])
         >>> trainer = pl.Trainer(max_epochs=3, callbacks=[qat])  # doctest: +SKIP
@@ -706,7 +706,7 @@ class QuantizationAwareTraining(_Int8Callback):
 class PostTrainingQuantization(_Int8Callback):
     """Post-training static int8 quantization at fit end: calibrate observers on training batches, convert, measure.
 
-    The baseline QAT has to beat. Uses the same int8 scheme as :class:`QuantizationAwareTraining` (histogram
+    The baseline QAT has to beat. Uses the same int8 scheme as `QuantizationAwareTraining` (histogram
     observers for activations, per-channel min/max for weights) and writes the same kind of artifact and figures,
     as the ``int8_ptq`` column of the compression report.
 
@@ -731,7 +731,7 @@ class PostTrainingQuantization(_Int8Callback):
         ValueError: for ``calibration_batches`` < 1, an unsupported dtype/scheme, a ``skip`` pattern matching
             nothing, a missing ``module``.
 
-    Example:
+    Examples:
         >>> ptq = PostTrainingQuantization(calibration_batches=10)
         >>> ptq.stage_name
         'int8_ptq'
@@ -819,12 +819,12 @@ def calibrate(module: nn.Module, spec: _pt2e.QuantSpec, batches: Any, num_batche
     Args:
         module: the trained fp32 module (left untouched; the graph shares its weights).
         spec: the quantization spec (``mode="ptq"``).
-        batches: an iterable of dataloader batches; their model inputs (:func:`lightning_opt.inputs.batch_inputs`)
+        batches: an iterable of dataloader batches; their model inputs (`lightning_opt.inputs.batch_inputs`)
             are used with their real values and dtypes.
         num_batches: how many batches to calibrate on.
 
     Returns:
-        The calibrated graph, ready for :func:`lightning_opt.quantization.convert`.
+        The calibrated graph, ready for `lightning_opt.quantization.convert`.
     """
     if spec.mode != "ptq":
         spec = _pt2e.QuantSpec.from_dict({**spec.to_dict(), "mode": "ptq"})

@@ -1,31 +1,31 @@
 """Int8 for Linear-heavy models (transformers) on torchao's ``quantize_`` API: no graph capture, module by module.
 
-Two inference schemes, each a torchao 0.18 configuration applied with :func:`torchao.quantization.quantize_`:
+Two inference schemes, each a torchao 0.18 configuration applied with `torchao.quantization.quantize_`:
 
-- ``"int8_dynamic"``: :class:`~torchao.quantization.Int8DynamicActivationInt8WeightConfig`: int8 weights per output
+- ``"int8_dynamic"``: `Int8DynamicActivationInt8WeightConfig`: int8 weights per output
   channel (symmetric), activations quantized per token at run time (asymmetric, so that QAT's fake quantization,
   which has no symmetric per-token form in torchao 0.18, matches the converted model).
-- ``"int8_weight_only"``: :class:`~torchao.quantization.Int8WeightOnlyConfig`: int8 weights per output channel,
+- ``"int8_weight_only"``: `Int8WeightOnlyConfig`: int8 weights per output channel,
   fp32 activations.
 
-And their quantization-aware training: :func:`prepare_qat` swaps ``nn.Linear``/``nn.Embedding`` for torchao's
+And their quantization-aware training: `prepare_qat` swaps ``nn.Linear``/``nn.Embedding`` for torchao's
 ``FakeQuantizedLinear``/``FakeQuantizedEmbedding`` (``QATConfig(activation_config=..., weight_config=...,
 step="prepare")``: the same numerics as the scheme, parameters shared, so optimizers and tied weights keep working);
-:func:`convert_qat` swaps them back (``QATConfig(step="convert")``) and quantizes with the scheme. Embeddings get
+`convert_qat` swaps them back (``QATConfig(step="convert")``) and quantizes with the scheme. Embeddings get
 int8 weight-only (per row) in every scheme.
 
 Hugging Face's GPT-2 ``Conv1D`` (a transposed Linear) is not an ``nn.Linear``, so torchao would leave it in fp32:
-:func:`linearize_conv1d` replaces it by an equal ``nn.Linear`` first (outputs equal to float rounding).
+`linearize_conv1d` replaces it by an equal ``nn.Linear`` first (outputs equal to float rounding).
 
 Weights become torchao tensor subclasses (``Int8Tensor``). ``torch.save(model.state_dict())`` keeps them and
-``torch.load(..., weights_only=True)`` loads them (torchao registers them as safe globals), so :func:`save_state` /
-:func:`load_state` are weights-only-safe; ``torch.export`` traces them into plain int8 ops, so :func:`save_artifact`
-writes a self-contained ``.pt2`` that :func:`load_artifact` runs without the model's code.
+``torch.load(..., weights_only=True)`` loads them (torchao registers them as safe globals), so `save_state` /
+`load_state` are weights-only-safe; ``torch.export`` traces them into plain int8 ops, so `save_artifact`
+writes a self-contained ``.pt2`` that `load_artifact` runs without the model's code.
 
 Speed on a CPU without VNNI (see ``docs/benchmarks.md``): torchao's eager int8 kernels are slower than fp32; under
-``torch.compile`` they lower to inductor kernels. Measure with :func:`measure` before relying on either.
+``torch.compile`` they lower to inductor kernels. Measure with `measure` before relying on either.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -81,7 +81,7 @@ def validate_scheme(scheme: str) -> str:
     """Check a scheme name.
 
     Args:
-        scheme: one of :data:`SCHEMES`.
+        scheme: one of `SCHEMES`.
 
     Returns:
         The scheme.
@@ -89,7 +89,7 @@ def validate_scheme(scheme: str) -> str:
     Raises:
         ValueError: naming the value and the allowed ones.
 
-    Example:
+    Examples:
         >>> validate_scheme("int8_dynamic")
         'int8_dynamic'
     """
@@ -176,7 +176,7 @@ def select_layers(model: nn.Module, skip: Sequence[str] | None = None, embedding
     Raises:
         ValueError: for a ``skip`` pattern that is not a regex or matches no module, and when no layer is left.
 
-    Example:
+    Examples:
         >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), skip=["0"])
         ['2']
     """
@@ -229,13 +229,13 @@ def _apply(model: nn.Module, config: Any, names: Sequence[str]) -> None:
 def quantize(model: nn.Module, scheme: str, skip: Sequence[str] | None = None, embeddings: bool = False) -> list[str]:
     """Quantize ``model``'s Linear layers (and embeddings) in place with a scheme; no calibration needed.
 
-    Hugging Face ``Conv1D`` modules are first replaced by ``nn.Linear`` (:func:`linearize_conv1d`). Weights tied to
+    Hugging Face ``Conv1D`` modules are first replaced by ``nn.Linear`` (`linearize_conv1d`). Weights tied to
     a quantized Linear (GPT-2's ``lm_head`` and its token embedding) are untied: the other user keeps fp32.
 
     Args:
         model: the fp32 model (changed in place; call it in eval mode for inference).
         scheme: ``"int8_dynamic"`` or ``"int8_weight_only"``.
-        skip: regexes of module names kept in fp32 (see :func:`select_layers`).
+        skip: regexes of module names kept in fp32 (see `select_layers`).
         embeddings: also quantize ``nn.Embedding`` weights (int8 per row, dequantized at lookup: smaller, not
             faster).
 
@@ -300,7 +300,7 @@ def _fake_quant_types() -> tuple[type[nn.Module], ...]:
 
 
 def is_qat_prepared(model: nn.Module) -> bool:
-    """Whether ``model`` holds torchao fake-quantized Linear/Embedding modules (after :func:`prepare_qat`)."""
+    """Whether ``model`` holds torchao fake-quantized Linear/Embedding modules (after `prepare_qat`)."""
     types = _fake_quant_types()
     return any(isinstance(m, types) for m in model.modules())
 
@@ -326,7 +326,7 @@ def convert_qat(model: nn.Module, scheme: str = "int8_dynamic") -> list[str]:
     """Turn a QAT model into the int8 model, in place: fake-quant modules back to Linear/Embedding, then quantized.
 
     Args:
-        model: a model prepared by :func:`prepare_qat` (and trained).
+        model: a model prepared by `prepare_qat` (and trained).
         scheme: the scheme it was prepared for.
 
     Returns:
@@ -360,13 +360,13 @@ def convert_qat(model: nn.Module, scheme: str = "int8_dynamic") -> list[str]:
 
 
 def save_state(model: nn.Module, path: str | os.PathLike[str], scheme: str, layers: Sequence[str]) -> int:
-    """Save the quantized weights with what :func:`load_state` needs to rebuild the structure; returns bytes.
+    """Save the quantized weights with what `load_state` needs to rebuild the structure; returns bytes.
 
     Args:
         model: the quantized model.
         path: the file (``torch.save`` format).
         scheme: the scheme it was quantized with.
-        layers: the quantized module names (the return value of :func:`quantize` / :func:`convert_qat`).
+        layers: the quantized module names (the return value of `quantize` / `convert_qat`).
     """
     linearized = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     atomic_save(
@@ -383,13 +383,13 @@ def save_state(model: nn.Module, path: str | os.PathLike[str], scheme: str, laye
 
 
 def load_state(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load weights saved by :func:`save_state` into a freshly built fp32 ``model`` (in place), weights-only.
+    """Load weights saved by `save_state` into a freshly built fp32 ``model`` (in place), weights-only.
 
     The file is read with ``torch.load(weights_only=True)``: no pickled code runs. The model is quantized with the
     recorded scheme on the recorded layers, then the int8 weights are assigned.
 
     Raises:
-        ValueError: when the file is not a :func:`save_state` file.
+        ValueError: when the file is not a `save_state` file.
     """
     import torchao.quantization  # noqa: F401  (registers torchao's tensor subclasses as safe globals)
 
@@ -421,7 +421,7 @@ def export(model: nn.Module, example: Any) -> torch.export.ExportedProgram:
 
     Args:
         model: the quantized (or fp32) model.
-        example: an example input (tensor, tuple or dict; see :mod:`lightning_opt.inputs`).
+        example: an example input (tensor, tuple or dict; see `lightning_opt.inputs`).
     """
     example = inputs.repeat_to(example, 2) if inputs.batch_size(example) == 1 else example
     args, kwargs = inputs.call_args(example)
@@ -437,7 +437,7 @@ def export(model: nn.Module, example: Any) -> torch.export.ExportedProgram:
 
 
 def save_artifact(model: nn.Module, example: Any, path: str | os.PathLike[str]) -> int:
-    """Export the quantized model (:func:`export`) and save it as a self-contained ``.pt2``; returns its bytes."""
+    """Export the quantized model (`export`) and save it as a self-contained ``.pt2``; returns its bytes."""
     program = export(model, example)
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
@@ -445,7 +445,7 @@ def save_artifact(model: nn.Module, example: Any, path: str | os.PathLike[str]) 
 
 
 def load_artifact(path: str | os.PathLike[str]) -> nn.Module:
-    """Load a ``.pt2`` written by :func:`save_artifact` as a module (``torch.export.load``, no model code needed)."""
+    """Load a ``.pt2`` written by `save_artifact` as a module (``torch.export.load``, no model code needed)."""
     import torchao.quantization  # noqa: F401  (registers the ops the int8 graph calls)
 
     return torch.export.load(path).module()

@@ -1,8 +1,8 @@
 """Lightning glue of the torchao ``quantize_`` schemes: what the QAT/PTQ callbacks do when ``scheme`` is not pt2e.
 
-:class:`QuantizationAwareTraining` and :class:`PostTrainingQuantization` hold a :class:`LinearStage` when built with
+`QuantizationAwareTraining` and `PostTrainingQuantization` hold a `LinearStage` when built with
 ``scheme="int8_dynamic"`` or ``"int8_weight_only"`` and hand it their ``setup`` and ``on_fit_end``; every other hook
-of theirs finds no pt2e graph and does nothing. The pure steps are in :mod:`lightning_opt.quantization._linear`.
+of theirs finds no pt2e graph and does nothing. The pure steps are in `lightning_opt.quantization._linear`.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ def validate_callback_scheme(scheme: str, **pt2e_only: tuple[Any, Any]) -> None:
     """Check a callback's ``scheme`` and that pt2e-only arguments keep their defaults with a torchao scheme.
 
     Args:
-        scheme: one of :data:`CALLBACK_SCHEMES`.
+        scheme: one of `CALLBACK_SCHEMES`.
         pt2e_only: ``name=(value, default)`` of arguments that only the pt2e path reads.
 
     Raises:
         ValueError: for an unknown scheme, or a pt2e-only argument changed with a torchao scheme.
 
-    Example:
+    Examples:
         >>> validate_callback_scheme("int8_dynamic", start=(0, 0))
     """
     if scheme not in CALLBACK_SCHEMES:
@@ -61,16 +61,16 @@ def validate_callback_scheme(scheme: str, **pt2e_only: tuple[Any, Any]) -> None:
 
 
 def stage_for(callback: Any, scheme: str, **pt2e_only: tuple[Any, Any]) -> LinearStage | None:
-    """The :class:`LinearStage` a QAT/PTQ callback delegates to for a torchao ``scheme`` (None for ``pt2e_static``).
+    """The `LinearStage` a QAT/PTQ callback delegates to for a torchao ``scheme`` (None for ``pt2e_static``).
 
     Args:
         callback: the callback (its ``mode``, ``module``, ``skip``, ``stage_name``, ``artifact_path``, ``compile``,
             ``latency``, ``num_threads``, ``latency_batch_size`` are read).
-        scheme: one of :data:`CALLBACK_SCHEMES`.
+        scheme: one of `CALLBACK_SCHEMES`.
         pt2e_only: ``name=(value, default)`` of the callback's arguments that only the pt2e path reads.
 
     Raises:
-        ValueError: see :func:`validate_callback_scheme`.
+        ValueError: see `validate_callback_scheme`.
     """
     validate_callback_scheme(scheme, **pt2e_only)
     if scheme == "pt2e_static":
@@ -251,7 +251,7 @@ def write_and_measure(
     Returns:
         ``size_bytes`` (the ``.pt2``), ``weights_bytes`` / ``fp32_weights_bytes`` (``torch.save`` of the
         submodule's ``state_dict``), ``max_abs_diff_vs_fp32`` on the example, and with ``latency`` the figures of
-        :func:`lightning_opt.quantization._linear.measure`.
+        `lightning_opt.quantization._linear.measure`.
     """
     training = root.training
     root.eval()

@@ -33,7 +33,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike[str]) ->
     Raises:
         QuantizationExportError: when ``torch.export`` cannot capture the model; names the submodule and the error.
 
-    Example:
+    Examples:
         >>> export_onnx(nn.Linear(4, 2), torch.zeros(1, 4), "/tmp/lin.onnx") > 0  # doctest: +SKIP
         True
     """

@@ -67,7 +67,7 @@ class QuantSpec:
         example: the real example input (a tensor, a tuple of positional tensors or a dict of keyword tensors, one
             row each, CPU), so that a checkpoint rebuilds the graph from the very inputs it was captured with.
 
-    Example:
+    Examples:
         >>> ids = torch.tensor([[5, 7, 9]])
         >>> spec = QuantSpec.for_example("backbone", (ids, torch.ones_like(ids)))
         >>> spec.input_shape, spec.input_dtype, spec.example_input()[0].tolist()
@@ -104,7 +104,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of `to_dict`."""
         return cls(**data)
 
     def example_input(self) -> Any:
@@ -340,7 +340,7 @@ def _locate_export_failure(module: nn.Module, example: Any) -> tuple[str, str, s
 
 
 def export_for_quantization(module: nn.Module, example: Any, module_path: str = "") -> torch.fx.GraphModule:
-    """``torch.export`` the module with a dynamic batch dimension and unlift it to a GraphModule (see :func:`capture`).
+    """``torch.export`` the module with a dynamic batch dimension and unlift it to a GraphModule (see `capture`).
 
     Args:
         module: the fp32 module, in the mode (train/eval) the graph should capture.
@@ -404,8 +404,8 @@ def prepare(module: nn.Module, spec: QuantSpec, example: Any = None) -> torch.fx
     """Export ``module`` and insert fake-quant (``spec.mode == "qat"``) or observers (``"ptq"``).
 
     The result keeps the parameter objects (and names) of ``module``, so an optimizer built on them stays valid.
-    Its ``train()``/``eval()`` switch BatchNorm and dropout inside the graph (see :func:`set_graph_mode`).
-    In QAT mode fake-quant and observers start *disabled* (fp32 warm-up); switch them with :func:`set_phase`.
+    Its ``train()``/``eval()`` switch BatchNorm and dropout inside the graph (see `set_graph_mode`).
+    In QAT mode fake-quant and observers start *disabled* (fp32 warm-up); switch them with `set_phase`.
     QAT conv-BatchNorm pairs keep each BatchNorm's own ``eps`` and stay finite when a BatchNorm weight is zero
     (``_torchao.patch_qat_conv_bn``), so the prepared graph computes what the fp32 model computes before training.
 
@@ -473,12 +473,12 @@ def _check_skipped(graph: torch.fx.GraphModule, skip: Sequence[str]) -> None:
 
 
 def is_prepared(module: nn.Module) -> bool:
-    """Whether ``module`` is a graph produced by :func:`prepare`."""
+    """Whether ``module`` is a graph produced by `prepare`."""
     return isinstance(module, torch.fx.GraphModule) and _META_KEY in module.meta
 
 
 def spec_of(module: nn.Module) -> QuantSpec:
-    """The :class:`QuantSpec` a prepared graph was built with."""
+    """The `QuantSpec` a prepared graph was built with."""
     return QuantSpec.from_dict(cast(Any, module).meta[_META_KEY]["spec"])
 
 
@@ -619,9 +619,9 @@ def sync_mode(graph: nn.Module, *args: Any) -> None:
 def install_train_eval(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Make ``graph.train()``/``graph.eval()`` (called by Lightning on the root) switch the graph's ops.
 
-    BatchNorm/dropout flags follow the mode (see :func:`set_graph_mode`). For QAT graphs observers never update in
+    BatchNorm/dropout flags follow the mode (see `set_graph_mode`). For QAT graphs observers never update in
     eval mode (validation must not move the quantization ranges); in train mode they update when the current phase
-    asks for it (:func:`set_phase`). Fake-quant stays as the phase set it, so evaluation sees the quantized model.
+    asks for it (`set_phase`). Fake-quant stays as the phase set it, so evaluation sees the quantized model.
     A forward pre-hook also syncs the graph with its ``training`` attribute when that was assigned directly.
     """
 
@@ -697,7 +697,7 @@ def convert(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Convert a prepared (trained or calibrated) graph into a real int8 graph; the input graph is left untouched.
 
     Weights are stored as int8 tensors with per-channel scales; activations get quantize/dequantize pairs that
-    inductor fuses into oneDNN int8 kernels (see :func:`compile_int8`). BatchNorm is folded into the convs.
+    inductor fuses into oneDNN int8 kernels (see `compile_int8`). BatchNorm is folded into the convs.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
@@ -781,7 +781,7 @@ def rehearse(module: nn.Module, spec: QuantSpec, batches: Sequence[Any]) -> torc
     """Run what fit end does on a deep copy of ``module`` and return the int8 graph; ``module`` is not touched.
 
     Capture and prepare as ``spec`` says; for QAT a training-mode forward with fake quantization and observers on;
-    calibration on ``batches``; :func:`convert`; a forward of the converted graph. Each output must be finite.
+    calibration on ``batches``; `convert`; a forward of the converted graph. Each output must be finite.
 
     Args:
         module: the fp32 submodule that will be quantized.
@@ -854,7 +854,7 @@ def save_artifact(model: nn.Module, example: Any, path: str | os.PathLike[str]) 
 
 
 def load_artifact(path: str | os.PathLike[str]) -> nn.Module:
-    """Load a ``.pt2`` saved by :func:`save_artifact` (in any process) as an eager module.
+    """Load a ``.pt2`` saved by `save_artifact` (in any process) as an eager module.
 
     Importing torchao registers the ``quantized_decomposed`` ops the int8 graph uses.
     """

@@ -3,14 +3,14 @@
 torchao's pt2e QAT flow has three behaviours this package corrects, each here and nowhere else:
 
 1. Its QAT conv-BatchNorm patterns hard-code the BatchNorm eps (``1e-5``, "TODO: allow setting eps" in
-   ``qat_utils._get_qat_conv_bn_pattern``) whatever the model's eps: :func:`patch_qat_conv_bn` restores it.
+   ``qat_utils._get_qat_conv_bn_pattern``) whatever the model's eps: `patch_qat_conv_bn` restores it.
 2. The same patterns divide by the BatchNorm weight, ``0 / 0 = NaN`` for zero-initialised residual branches (timm's
-   resnet-d, RegNet): :func:`patch_qat_conv_bn` guards the division, :func:`unpatch_qat_conv_bn` removes the guard
+   resnet-d, RegNet): `patch_qat_conv_bn` guards the division, `unpatch_qat_conv_bn` removes the guard
    before ``convert_pt2e`` folds the pattern.
-3. ``convert_pt2e`` re-traces 96 conv-bn pattern variants whatever the graph holds: :func:`fast_conv_bn_fold` skips
+3. ``convert_pt2e`` re-traces 96 conv-bn pattern variants whatever the graph holds: `fast_conv_bn_fold` skips
    those of conv types absent from the graph (about 4x faster conversion).
 
-``pyproject.toml`` bounds torchao to the tested versions; :func:`check_torchao_version` warns once when another
+``pyproject.toml`` bounds torchao to the tested versions; `check_torchao_version` warns once when another
 version is installed, and ``tests/quantization/test_torchao_workarounds.py`` checks that each workaround still
 applies to the installed torchao (so a torchao that fixes one says so).
 """
@@ -43,9 +43,9 @@ _WARNED: list[str] = []
 
 
 def check_torchao_version() -> str:
-    """The installed torchao version; warns once if it is not one of :data:`TESTED_TORCHAO`.
+    """The installed torchao version; warns once if it is not one of `TESTED_TORCHAO`.
 
-    Example:
+    Examples:
         >>> check_torchao_version().startswith(TESTED_TORCHAO)
         True
     """
@@ -88,7 +88,7 @@ def patch_qat_conv_bn(graph: torch.fx.GraphModule, eps: dict[str, float]) -> Non
     and with a BatchNorm weight ``g == 0`` (zero-initialised residual branches) the division is ``0 / 0 = NaN``.
     Here each ``add(running_var, 1e-5)`` and ``batch_norm`` gets its BatchNorm's eps back, and the scale factor uses
     ``g`` where ``g != 0`` and 1 elsewhere (the batch_norm still multiplies by the real ``g``, so the output is the
-    same and ``g`` gets its gradient). :func:`unpatch_qat_conv_bn` removes the zero guard before ``convert_pt2e``
+    same and ``g`` gets its gradient). `unpatch_qat_conv_bn` removes the zero guard before ``convert_pt2e``
     folds the pattern (which matches literals loosely, so the eps values stay).
     """
     aten = torch.ops.aten
@@ -128,7 +128,7 @@ def patch_qat_conv_bn(graph: torch.fx.GraphModule, eps: dict[str, float]) -> Non
 
 
 def unpatch_qat_conv_bn(graph: torch.fx.GraphModule) -> None:
-    """Remove the zero-weight guards of :func:`patch_qat_conv_bn` so that torchao's conv-bn fold matches."""
+    """Remove the zero-weight guards of `patch_qat_conv_bn` so that torchao's conv-bn fold matches."""
     guards = [n for n in graph.graph.nodes if n.meta.get(_SAFE_GAMMA) and n.target is torch.ops.aten.masked_fill.Scalar]
     for safe in guards:
         is_zero = safe.args[1]

@@ -5,19 +5,21 @@ checkpoint gets its fake-quant structure rebuilt first). Then:
 
 - ``--format pt2 --quantize int8``: a QAT checkpoint is converted as trained; an fp32 one is quantized post-training
   with ``--calibration_batches`` training batches (``--method`` forces one or the other). Saved with
-  ``torch.export.save``; run with :class:`lightning_opt.quantization.CompiledInference` (inductor int8 kernels).
+  ``torch.export.save``; run with `lightning_opt.quantization.CompiledInference` (inductor int8 kernels).
 - ``--format pt2 --quantize none``: the fp32 model as ``.pt2``.
 - ``--format pt2 --quantize int8_dynamic|int8_weight_only``: torchao ``quantize_`` on the Linear layers
-  (transformers; QAT checkpoints of those schemes too), see :mod:`lightning_opt.quantization._linear`.
+  (transformers; QAT checkpoints of those schemes too), see `lightning_opt.quantization._linear`.
 - ``--format onnx``: the fp32 model through ``torch.onnx.export(dynamo=True)``; with ``--quantize int8`` then
   onnxruntime ``quant_pre_process`` + ``quantize_static`` (QDQ, per channel), calibrated on training batches.
 
 The artifact is loaded back from disk, evaluated on the test set and timed beside the fp32 eager model
 (interleaved, same threads); the figures are printed and written next to it as ``<artifact>.json``.
 
-Example:
+Examples:
+    ```bash
     lightning-opt export --config recipes/quantization/qat_digits.yaml --ckpt_path runs/.../last.ckpt \\
         --format pt2 --quantize int8 --output artifacts/digits_int8.pt2
+    ```
 """
 
 from __future__ import annotations
@@ -40,8 +42,12 @@ from lightning_opt.recipe import build_from_config
 __all__ = ["FORMATS", "METHODS", "QUANTIZE", "export_checkpoint"]
 
 FORMATS = ("pt2", "onnx")
+"""``format`` values: a ``torch.export`` program (``.pt2``) or an ONNX file."""
 QUANTIZE = ("int8", "none", *_linear.SCHEMES)
+"""``quantize`` values: int8 (pt2e static, or ONNX Runtime static), none (fp32), or a torchao ``quantize_`` scheme."""
 METHODS = ("auto", "qat", "ptq")
+"""``method`` values for ``quantize="int8"``: ``auto`` (QAT when the checkpoint was trained with it, else PTQ),
+``qat`` or ``ptq``."""
 
 
 def _validate(fmt: str, quantize: str, method: str, calibration_batches: int, ckpt_path: str | None) -> None:
@@ -87,7 +93,7 @@ def export_checkpoint(
     """Build the recipe, load the checkpoint, write the artifact, measure it; returns the figures.
 
     Args:
-        config: recipe arguments for :func:`lightning_opt.recipe.build_from_config` (``["--config", "r.yaml", ...]``).
+        config: recipe arguments for `lightning_opt.recipe.build_from_config` (``["--config", "r.yaml", ...]``).
         ckpt_path: the Lightning checkpoint; None exports the freshly initialised model (for smoke tests).
         format: ``"pt2"`` or ``"onnx"``.
         quantize: ``"int8"`` (pt2e static or ONNX Runtime static), ``"none"``, or a torchao ``quantize_`` scheme for

@@ -51,7 +51,7 @@ def _fmt(value: Any) -> str:
 def format_report_markdown(stages: dict[str, dict[str, Any]], baseline: str = "baseline") -> str:
     """A markdown table: one row per figure, one column per stage, then each stage's ratio to the baseline.
 
-    Example:
+    Examples:
         >>> print(format_report_markdown({"baseline": {"params": 100}, "final": {"params": 25}}))
         | figure | baseline | final | baseline / final |
         |---|---|---|---|
@@ -120,7 +120,7 @@ class CompressionReport(Callback):
     Raises:
         ValueError: If ``batch_size``, ``num_threads`` or ``repeats`` is < 1.
 
-    Example:
+    Examples:
         >>> report = CompressionReport(monitor="val/acc", batch_size=8)
         >>> report.add_stage("baseline", {"params": 100})
         >>> report.stages

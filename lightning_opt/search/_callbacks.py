@@ -29,9 +29,9 @@ class TrialCallback(Callback):
     After every validation (sanity check excluded) the value of ``monitor`` is reported to the trial, at step
     0, 1, 2, ... (the count of validations so far: with the default ``val_check_interval`` the epoch), so that trials
     whose optimizer steps differ (a searched batch size) are compared at the same point of training; when the
-    study's trial pruner says so, :class:`optuna.TrialPruned` is raised, which ends the fit and marks the trial
-    pruned. A NaN or infinite training loss raises :class:`NonFiniteLossError`; a ``monitor`` that the model does not
-    log raises :class:`ObjectiveNotLoggedError` (the search stops: every other trial would fail the same way).
+    study's trial pruner says so, `optuna.TrialPruned` is raised, which ends the fit and marks the trial
+    pruned. A NaN or infinite training loss raises `NonFiniteLossError`; a ``monitor`` that the model does not
+    log raises `ObjectiveNotLoggedError` (the search stops: every other trial would fail the same way).
 
     It is added by the search loop to each trial's Trainer; it holds no state worth resuming (a trial is not resumed,
     a dead worker's trial is re-run from scratch).
@@ -43,7 +43,7 @@ class TrialCallback(Callback):
     Raises:
         ValueError: If ``monitor`` is set on a multi-objective trial (optuna cannot prune those).
 
-    Example:
+    Examples:
         >>> import optuna
         >>> study = optuna.create_study(direction="maximize")
         >>> cb = TrialCallback(study.ask(), monitor="val/acc")
@@ -100,7 +100,7 @@ class TrialProgress(Callback):
     second so that the display costs nothing measurable.
 
     Args:
-        progress: The search's :class:`rich.progress.Progress`.
+        progress: The search's `rich.progress.Progress`.
         description: The line's label (``"trial 3"``).
         monitor: A logged metric to show after each validation (``None``: none).
     """

@@ -43,7 +43,7 @@ def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[Froze
         trials: Completed trials.
         directions: ``"maximize"``/``"minimize"`` per objective.
 
-    Example:
+    Examples:
         >>> import optuna
         >>> ts = [optuna.trial.create_trial(values=v) for v in ([1.0, 1.0], [1.0, 2.0], [0.5, 0.5])]
         >>> [t.values for t in pareto_front(ts, ["maximize", "minimize"])]

@@ -123,7 +123,7 @@ def _parser_error(err: io.StringIO, exit_: SystemExit, what: str) -> ValueError:
 def _build(args: list[str], what: str) -> Any:
     """A trial's (or the recipe's) model, datamodule and trainer, built through LightningCLI's public path.
 
-    Each trial gets a fresh :class:`~lightning_opt.recipe.LightningOptCLI`, so the hyperparameters it records (the
+    Each trial gets a fresh `LightningOptCLI`, so the hyperparameters it records (the
     model's ``hparams``, ``hparams.yaml``, TensorBoard HParams, the checkpoint) are the trial's sampled values.
     LightningCLI's ``SaveConfigCallback`` is left out: the search writes each trial's ``config.yaml`` (the trial's
     recipe) itself. A parser error becomes a ``ValueError`` naming ``what`` failed.
@@ -470,7 +470,7 @@ def run_search(
         ValueError: If the recipe or its search section is invalid, a searched key is not in the recipe, the storage
             cannot be reached, or an objective is not logged by the model (after the first trial).
 
-    Example:
+    Examples:
         >>> result = run_search("recipes/search/hpo_digits.yaml", ["--search.n_trials=2"])  # doctest: +SKIP
         >>> result.best_configs[0].name  # doctest: +SKIP
         'best.yaml'

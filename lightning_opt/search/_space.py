@@ -36,7 +36,7 @@ def flatten_keys(config: Any, prefix: str = "") -> Iterator[str]:
         config: A nested structure of dicts, lists and leaves.
         prefix: The key of ``config`` itself.
 
-    Example:
+    Examples:
         >>> sorted(flatten_keys({"model": {"lr": 0.1}, "cbs": [{"a": 1}]}))
         ['cbs', 'cbs.0', 'cbs.0.a', 'model', 'model.lr']
     """
@@ -64,7 +64,7 @@ def get_path(config: Any, key: str, default: Any = _MISSING) -> Any:
     Raises:
         KeyError: If the key is absent and no default is given.
 
-    Example:
+    Examples:
         >>> get_path({"a": [{"b": 3}]}, "a.0.b")
         3
     """
@@ -98,7 +98,7 @@ def set_path(config: dict[str, Any], key: str, value: Any) -> None:
     Raises:
         KeyError: If a list index is out of range or a leaf value sits where a mapping is needed.
 
-    Example:
+    Examples:
         >>> cfg = {"model": {"optimizer": "torch.optim.Adam"}}
         >>> set_path(cfg, "model.optimizer.init_args.lr", 0.01)
         >>> cfg
@@ -183,7 +183,7 @@ class Param:
         ValueError: On an unknown type, ``low > high``, ``log`` with ``low <= 0`` or with ``step``, empty ``choices``,
             a bad ``length`` or an unknown field.
 
-    Example:
+    Examples:
         >>> Param.from_dict("model.init_args.lr", {"low": 1e-4, "high": 1e-1, "log": True}).type
         'float'
     """
@@ -329,10 +329,10 @@ class Param:
 
 
 class SearchSpace:
-    """An ordered set of :class:`Param` over dotted keys of a recipe.
+    """An ordered set of `Param` over dotted keys of a recipe.
 
     Args:
-        space: Mapping from dotted config key to parameter spec (see :class:`Param`), in sampling order. A key that
+        space: Mapping from dotted config key to parameter spec (see `Param`), in sampling order. A key that
             starts with ``_`` is a search-only choice: it is sampled and recorded (a gate for ``when``) but not
             written into the config.
 
@@ -340,7 +340,7 @@ class SearchSpace:
         ValueError: If a parameter spec is invalid, or a ``when`` / ``length`` refers to a key that is not an
             earlier parameter.
 
-    Example:
+    Examples:
         >>> space = SearchSpace({"model.lr": {"low": 1e-3, "high": 1e-1, "log": True}, "model.depth": [1, 2]})
         >>> [p.key for p in space.params]
         ['model.lr', 'model.depth']

@@ -18,7 +18,6 @@ from lightning_opt.search._space import SearchSpace, suggest_keys
 
 __all__ = ["BUILTIN_OBJECTIVES", "PRUNERS", "SAMPLERS", "Objective", "SearchConfig"]
 
-#: Objectives measured on the trained model with :mod:`lightning_opt.measure`, with their key in ``measure_model``.
 BUILTIN_OBJECTIVES: tuple[str, ...] = (
     "params",
     "nonzero_params",
@@ -28,6 +27,7 @@ BUILTIN_OBJECTIVES: tuple[str, ...] = (
     "size_bytes",
     "size_bytes_compressed",
 )
+"""Objectives measured on the trained model with `lightning_opt.measure`, with their key in ``measure_model``."""
 SAMPLERS: dict[str, str] = {
     "random": "RandomSampler",
     "tpe": "TPESampler",
@@ -35,12 +35,14 @@ SAMPLERS: dict[str, str] = {
     "cmaes": "CmaEsSampler",
     "grid": "GridSampler",
 }
+"""``search.sampler`` names -> the optuna sampler class each builds."""
 PRUNERS: dict[str, str | None] = {
     "none": None,
     "median": "MedianPruner",
     "successive_halving": "SuccessiveHalvingPruner",
     "hyperband": "HyperbandPruner",
 }
+"""``search.pruner`` names -> the optuna pruner class each builds (``none``: no trial is pruned)."""
 _SECTION_KEYS = {
     "space",
     "objectives",
@@ -65,7 +67,7 @@ class Objective:
 
     Args:
         name: A metric the LightningModule logs (``val/acc``; ``test/...`` metrics make each trial run ``test`` after
-            ``fit``), or a built-in measured on the trained model by :func:`lightning_opt.measure.measure_model`:
+            ``fit``), or a built-in measured on the trained model by `lightning_opt.measure.measure_model`:
             ``params``, ``nonzero_params``, ``sparsity``, ``flops``, ``latency_ms``, ``size_bytes``,
             ``size_bytes_compressed``.
         direction: ``"maximize"`` or ``"minimize"``.
@@ -73,7 +75,7 @@ class Objective:
     Raises:
         ValueError: If the direction is not one of the two.
 
-    Example:
+    Examples:
         >>> Objective("val/acc", "maximize").builtin
         False
     """
@@ -178,7 +180,7 @@ def _sqlite_connect(path: str) -> Any:
 def mask_url(text: str, url: str | None = None) -> str:
     """Hide the password of a database URL: in the URL itself, or wherever ``url``'s password appears in ``text``.
 
-    Example:
+    Examples:
         >>> mask_url("postgresql://ann:s3cret@db:5432/study")
         'postgresql://ann:***@db:5432/study'
         >>> mask_url("could not connect with s3cret", "postgresql://ann:s3cret@db/x")
@@ -209,7 +211,7 @@ class SearchConfig:
     """The validated ``search:`` section of a recipe.
 
     Args:
-        space: The search space (see :class:`~lightning_opt.search.SearchSpace`).
+        space: The search space (see `SearchSpace`).
         objectives: One or more objectives, each ``{name: ..., direction: maximize|minimize}``
             (a plain string is a metric to maximize).
         sampler: ``random``, ``tpe``, ``nsga2``, ``cmaes`` or ``grid``, or ``{name: ..., <sampler kwargs>}``.
@@ -226,7 +228,7 @@ class SearchConfig:
         heartbeat_interval: Seconds between a running trial's heartbeats (RDB storages).
         grace_period: Seconds without heartbeat after which a trial counts as dead, is failed and re-queued.
         max_retry: How many times a dead worker's trial is re-queued.
-        latency: Keyword arguments of :func:`lightning_opt.measure.measure_latency` for the ``latency_ms`` objective.
+        latency: Keyword arguments of `lightning_opt.measure.measure_latency` for the ``latency_ms`` objective.
 
     Raises:
         ValueError: For every invalid field, before any trial runs (unknown sampler or pruner, a pruner with several
@@ -340,7 +342,7 @@ class SearchConfig:
 
     @property
     def masked_storage_url(self) -> str:
-        """:attr:`storage_url` with its password replaced by ``***``, for messages and files."""
+        """`storage_url` with its password replaced by ``***``, for messages and files."""
         return mask_url(self.storage_url)
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:

@@ -1,11 +1,11 @@
 """The model-zoo support matrix: every technique on every zoo architecture, run as a user runs it, and classified.
 
-A *cell* is one :data:`~lightning_opt.testing.zoo.ZOO` entry through one technique: :class:`ZooModule` and
-:class:`ZooDataModule` fitted for ``max_steps=2`` by a real, quiet :class:`~lightning.pytorch.Trainer` with the
+A *cell* is one `ZOO` entry through one technique: `ZooModule` and
+`ZooDataModule` fitted for ``max_steps=2`` by a real, quiet `Trainer` with the
 technique's callback built from its default arguments plus the minimum a user must give (a schedule for pruning).
 Post-training steps (ONNX export) follow the fit, with the library's public functions. Each cell ends in one of:
 
-- ``"works"``: the run finished and the technique's own result checks out (see :data:`TOLERANCES`):
+- ``"works"``: the run finished and the technique's own result checks out (see `TOLERANCES`):
 
   - ``unstructured``: the pruned weights are 50% zeros (the schedule's target) within 0.01;
   - ``nm``: every group of 4 consecutive input weights of every pruned layer holds at most 2 nonzeros (the input
@@ -14,26 +14,26 @@ Post-training steps (ONNX export) follow the fit, with the library's public func
     masked model's (taken just before removal) within ``channel_atol`` (relative to the largest output, at least 1);
   - ``qat`` / ``ptq``: the int8 ``.pt2`` artifact, loaded back from disk, gives finite outputs, bit-identical on two
     runs of the same input, within ``int8_rel_l2`` (relative L2 error) of the fake-quant (QAT) or fp32 (PTQ) model;
-  - ``onnx``: the fp32 ONNX model (:func:`~lightning_opt.quantization.export_onnx`) matches torch within
-    ``onnx_atol``; its onnxruntime int8 version (:func:`~lightning_opt.quantization.quantize_onnx`) is finite and
+  - ``onnx``: the fp32 ONNX model (`export_onnx`) matches torch within
+    ``onnx_atol``; its onnxruntime int8 version (`quantize_onnx`) is finite and
     within ``int8_rel_l2``;
-  - ``report``: :class:`~lightning_opt.reporting.CompressionReport` wrote ``baseline`` and ``final`` columns with
+  - ``report``: `CompressionReport` wrote ``baseline`` and ``final`` columns with
     positive, finite parameter and FLOP counts (and latency when measured);
-  - ``distillation``: a :class:`~lightning_opt.distillation.DistillationModule` with a teacher of the same
+  - ``distillation``: a `DistillationModule` with a teacher of the same
     architecture trains two steps with a finite loss and changes the student's weights.
 
 - ``"refused"``: lightning-opt itself raised a ``ValueError``/``TypeError``/``NotImplementedError``/``RuntimeError``
   before the first training batch (construction, ``setup``, ``on_fit_start``: ``trainer.global_step == 0``), so no
   training time was lost; ``message`` is its first line. For ``onnx``, an export that runs after training like
-  ``lightning-opt export``, a :class:`~lightning_opt.quantization.QuantizationExportError` naming the layer (nothing
+  ``lightning-opt export``, a `QuantizationExportError` naming the layer (nothing
   written) is a refusal too.
 - ``"crash"``: an exception once training started, in a post-training step or in a check, or before training but
   raised inside another library or as a ``KeyError``/``IndexError``/``AttributeError`` (a bug, not a refusal).
 - ``"silent"``: everything ran, but the check failed (wrong outputs, target missed, nondeterministic artifact).
 
-``tests/test_zoo_matrix.py``, ``benchmarks/zoo.py`` and ``docs/support.md`` all come from :func:`run_cell`.
+``tests/test_zoo_matrix.py``, ``benchmarks/zoo.py`` and ``docs/support.md`` all come from `run_cell`.
 
-Example:
+Examples:
     >>> import tempfile
     >>> cell = run_cell("resnet18", "unstructured", tempfile.mkdtemp())  # doctest: +SKIP
     >>> cell.status, cell.figures["sparsity_after"]  # doctest: +SKIP
@@ -100,7 +100,7 @@ class Cell:
 
     Attributes:
         model: the zoo entry.
-        technique: one of :data:`TECHNIQUES`.
+        technique: one of `TECHNIQUES`.
         status: ``"works"``, ``"refused"``, ``"crash"``, ``"silent"`` (or ``"unavailable"`` when the entry's
             packages are not installed).
         message: the first line of the refusal or error, or what the check found.
@@ -550,8 +550,8 @@ def run_cell(
     """Run one zoo entry through one technique, as a user would, and classify the outcome.
 
     Args:
-        model: a :data:`~lightning_opt.testing.zoo.ZOO` entry.
-        technique: one of :data:`TECHNIQUES`.
+        model: a `ZOO` entry.
+        technique: one of `TECHNIQUES`.
         root: an empty directory for the run (logs, artifacts).
         measure: also time the model before and after (CPU latency at ``num_threads`` threads) and, where a
             technique changes them, count its parameters and FLOPs before and after; off, only what the checks
@@ -560,10 +560,10 @@ def run_cell(
         seed: the global seed set before the models are built.
 
     Returns:
-        The :class:`Cell`.
+        The `Cell`.
 
     Raises:
-        ValueError: if ``model`` is not in the zoo or ``technique`` is not one of :data:`TECHNIQUES`.
+        ValueError: if ``model`` is not in the zoo or ``technique`` is not one of `TECHNIQUES`.
     """
     if model not in ZOO:
         raise ValueError(f"`model` must be one of {sorted(ZOO)}, got {model!r}.")
@@ -624,13 +624,13 @@ def run_matrix(
     num_threads: int = 1,
     on_cell: Callable[[Cell], None] | None = None,
 ) -> list[Cell]:
-    """Run :func:`run_cell` for every model x technique (each in its own sub-directory of ``root``).
+    """Run `run_cell` for every model x technique (each in its own sub-directory of ``root``).
 
     Args:
         root: a directory for the runs.
-        models: zoo entries (default: all of :data:`~lightning_opt.testing.zoo.ZOO`).
-        techniques: techniques (default: all of :data:`TECHNIQUES`).
-        measure: time and count before/after (see :func:`run_cell`).
+        models: zoo entries (default: all of `ZOO`).
+        techniques: techniques (default: all of `TECHNIQUES`).
+        measure: time and count before/after (see `run_cell`).
         num_threads: torch threads while timing.
         on_cell: called with each cell as soon as it is done (progress output).
 

@@ -1,12 +1,12 @@
 """A zoo of third-party architectures at random init (torchvision, timm, Hugging Face, Lightning's demo), tiny inputs.
 
 Each entry is built from a config, never downloaded, and wrapped the way a user wraps a model in a LightningModule:
-:class:`ZooModule` sets ``example_input_array`` in the model's own input form (an image tensor; ``(input_ids,
+`ZooModule` sets ``example_input_array`` in the model's own input form (an image tensor; ``(input_ids,
 attention_mask)`` for an encoder; ``input_ids`` for a decoder; ``(source, target)`` for Lightning's demo
-Transformer) and :class:`ZooDataModule` yields matching synthetic batches (token ids as ``int64``). The model-zoo
+Transformer) and `ZooDataModule` yields matching synthetic batches (token ids as ``int64``). The model-zoo
 tests, ``benchmarks/zoo.py`` and ``docs/support.md`` all run these entries.
 
-Example:
+Examples:
     >>> from lightning_opt import inputs
     >>> model = ZooModule("resnet18")
     >>> inputs.call(model, model.example_input_array).shape
@@ -179,7 +179,7 @@ class ZooModule(pl.LightningModule):
     """A zoo backbone wrapped as a user would: cross-entropy on its logits, ``val/acc``, an ``example_input_array``.
 
     Args:
-        name: a :data:`ZOO` entry.
+        name: a `ZOO` entry.
         lr: Adam's learning rate.
 
     Raises:
@@ -240,7 +240,7 @@ class ZooDataModule(pl.LightningDataModule):
     """Synthetic batches in the input form of a zoo entry (images, or ``int64`` token ids with masks).
 
     Args:
-        name: a :data:`ZOO` entry.
+        name: a `ZOO` entry.
         size: samples per split.
         batch_size: rows per batch.
         seed: seed of the samples (each split its own).
