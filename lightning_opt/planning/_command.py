@@ -510,7 +510,7 @@ def _plan(
             )
         prune_budget = None if max_drop is None else max(max_drop - quant_drop, 0.0)
         allocation = allocate(curves, cost, budget=budget, max_drop=prune_budget)
-        sparsity = {n: min(math.ceil(s * 1e4) / 1e4, 0.9999) for n, s in allocation.sparsity.items()}
+        sparsity = {n: _whole(s, scan.params[n]) for n, s in allocation.sparsity.items()}
         global_sparsity = sum(scan.params[n] * sparsity[n] for n in layers) / prunable
         saved = _apply_masks(model, scan, sparsity)
         one_shot = scan.drop(evaluator()[0])
@@ -535,6 +535,18 @@ def _plan(
     plan["target"] = str(target) if target is not None else None
     plan["summary"] = _summary(plan, scan)
     return plan
+
+
+def _whole(sparsity: float, numel: int) -> float:
+    """The sparsity to write for a layer of ``numel`` weights: rounded up to whole weights (Pruning zeroes
+    ``round(sparsity * numel)``), then up to 6 decimals, so that the written plan prunes at least what was planned.
+
+    Example:
+        >>> _whole(0.3403, 160), round(_whole(0.3403, 160) * 160)
+        (0.34375, 55)
+    """
+    zeros = math.ceil(sparsity * numel - 1e-9)
+    return min(math.ceil(zeros / numel * 1e6) / 1e6, 0.999999)
 
 
 def _summary(plan: dict[str, Any], scan: SensitivityScan) -> str:
