@@ -319,12 +319,19 @@ def _scan_and_plan(
     model = recipe.model
     model.eval()
     mode = args.mode if args.mode != "auto" else ("min" if "loss" in args.metric.lower() else "max")
+    t0 = time.perf_counter()  # the scan's cost: reading the validation set, the dense pass, every evaluation
     evaluator = Evaluator(model, _val_batches(recipe), metric=args.metric, max_batches=args.scan_batches)
     pruning, prune_layers = _prune_layers(recipe)
     quant_cb, quant_path, quant_layers = _quant_layers(recipe)
-    t0 = time.perf_counter()
     scan = scan_sensitivity(
-        model, evaluator, prune_layers, quant_layers, grid, mode == "max", progress=False if args.no_progress else None
+        model,
+        evaluator,
+        prune_layers,
+        quant_layers,
+        grid,
+        mode == "max",
+        progress=False if args.no_progress else None,
+        stop_at=evaluator.destroyed() if mode == "max" else None,
     )
     example = inputs.first_rows(evaluator.chunks[0][0], 1) if evaluator.chunks else inputs.module_example(model)
     scan.flops = layer_flops(model, prune_layers, example) if example is not None else {}

@@ -115,6 +115,14 @@ class Evaluator:
         else:
             self.baseline, self.outputs = self()
 
+    def destroyed(self, share: float = 0.05) -> float | None:
+        """For accuracy: the value ``share`` of the way from chance (``100 / classes``) to the baseline, below which a
+        layer counts as destroyed (see ``scan_sensitivity(stop_at=...)``); None for other metrics."""
+        if self.metric != "accuracy" or self.outputs is None:
+            return None
+        chance = 100.0 / max(int(self.outputs.shape[-1]), 1)
+        return chance + share * max(self.baseline - chance, 0.0)
+
     @property
     def unit(self) -> str:
         """What a point of the metric is."""
@@ -409,6 +417,10 @@ def layer_flops(model: nn.Module, layers: Mapping[str, tuple[str, int]], example
 
 
 # ----------------------------------------------------------------------------------------------------- the scan
+def _worse_or_equal(value: float, bound: float, higher_is_better: bool) -> bool:
+    return value <= bound if higher_is_better else value >= bound
+
+
 def scan_sensitivity(
     model: nn.Module,
     evaluator: Evaluator,
@@ -417,6 +429,7 @@ def scan_sensitivity(
     grid: Sequence[float] = DEFAULT_GRID,
     higher_is_better: bool = True,
     progress: bool | None = None,
+    stop_at: float | None = None,
 ) -> SensitivityScan:
     """Measure each layer's sensitivity to pruning and to int8, one layer at a time, on cached validation batches.
 
@@ -428,6 +441,9 @@ def scan_sensitivity(
         grid: sparsities to measure for every prunable weight, each in (0, 1).
         higher_is_better: whether a larger metric is better.
         progress: show a progress bar (None: when stderr is a terminal).
+        stop_at: a metric value at which a layer counts as destroyed (e.g. near chance accuracy): its higher
+            sparsities are not evaluated and get the last measured value (pruning more weights of a layer is
+            assumed not to help). None evaluates every point. :meth:`Evaluator.destroyed` gives one for accuracy.
 
     Returns:
         The :class:`SensitivityScan`.
@@ -460,16 +476,22 @@ def scan_sensitivity(
                 original = p.detach().clone()
                 score = {wname: original.abs()}
                 ones = {wname: torch.ones_like(original, dtype=torch.bool)}
-                points = []
+                points: list[tuple[float, float]] = []
                 for s in grid:
+                    bar.update(1)
+                    last = points[-1][1] if points else None
+                    if last is not None and stop_at is not None and _worse_or_equal(last, stop_at, higher_is_better):
+                        points.append((s, last))
+                        continue
                     mask = unstructured_masks(score, ones, [([wname], s)])[wname]
                     p.mul_(mask)
                     points.append((s, evaluator()[0]))
                     p.copy_(original)
-                    bar.update(1)
+                    result.evaluations += 1
                 result.prune[mname] = points
         reference = evaluator.outputs
         for name, module in quant_layers.items():
+            result.evaluations += 1
             if name not in ranges:  # never called on the validation batches
                 bar.update(1)
                 continue
@@ -482,8 +504,9 @@ def scan_sensitivity(
             with quantized({n: m for n, m in quant_layers.items() if n in ranges}, ranges):
                 result.quant_all = evaluator()[0]
             bar.update(1)
+            result.evaluations += 2  # the observing pass and this one
     finally:
         bar.close()
-    result.evaluations = 1 + total
+    result.evaluations += 1  # the baseline
     result.seconds = time.perf_counter() - t0
     return result
