@@ -677,7 +677,9 @@ class Pruning(Callback):
                 p = params.get(r["layer"])
                 if p is not None:
                     w = p.detach()
-                    tb.add_histogram(f"pruning/weights/{r['layer']}", w[w != 0].float().cpu(), step)
+                    kept = w[w != 0]
+                    if kept.numel():  # a layer pruned to nothing has no histogram (TensorBoard refuses an empty one)
+                        tb.add_histogram(f"pruning/weights/{r['layer']}", kept.float().cpu(), step)
 
     # ------------------------------------------------------------------ end of fit
     @override
