@@ -166,7 +166,7 @@ def _scan(model: ImageClassifier, dm: pl.LightningDataModule, grid: tuple[float,
     t0 = time.perf_counter()  # the whole cost: reading the validation set, the dense pass, every evaluation
     layers = select_weights(model, select_modules(model, ["Conv2d", "Linear"], None, None))
     evaluator = Evaluator(model, dm.val_dataloader())
-    scan = scan_sensitivity(model, evaluator, layers, {}, grid, progress=False, stop_at=evaluator.destroyed())
+    scan = scan_sensitivity(model, evaluator, layers, {}, grid, progress=False)
     scan.seconds = time.perf_counter() - t0
     return scan
 
@@ -207,7 +207,7 @@ def bench_prune(args: argparse.Namespace) -> list[str]:
                 "validation images)",
                 flush=True,
             )
-            curves = {n: scan.curve(n)[1:] for n in scan.prune}
+            curves = {n: scan.cost_curve(n)[1:] for n in scan.prune}  # validation cross-entropy increase
             for target in args.sparsities:
                 total = sum(scan.params.values())
                 alloc = allocate(curves, {n: float(p) for n, p in scan.params.items()}, budget=(1 - target) * total)

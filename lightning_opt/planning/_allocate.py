@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Allocation", "allocate", "candidates", "fallback_layers", "monotone_curve"]
+__all__ = ["Allocation", "allocate", "candidates", "fallback_layers", "interpolate", "monotone_curve"]
 
 
 @dataclass
@@ -84,6 +84,22 @@ def candidates(curve: Sequence[tuple[float, float]], between: int = 4) -> list[t
             out.append((1.0 - math.exp(l0 + t * (l1 - l0)), d0 + t * (d1 - d0)))
         out.append((s1, d1))
     return out
+
+
+def interpolate(curve: Sequence[tuple[float, float]], sparsity: float) -> float:
+    """The loss of a layer at ``sparsity`` on its monotone curve, linear in log-density between measured points
+    (the value of the last point beyond it).
+
+    Example:
+        >>> round(interpolate([(0.9, 1.0), (0.99, 5.0)], 0.9), 3), interpolate([(0.9, 1.0)], 0.95)
+        (1.0, 1.0)
+    """
+    pts = monotone_curve(curve)
+    for (s0, d0), (s1, d1) in itertools.pairwise(pts):
+        if s0 <= sparsity <= s1:
+            l0, l1, ls = math.log(1.0 - s0), math.log(1.0 - s1), math.log(1.0 - sparsity)
+            return d0 + (d1 - d0) * ((ls - l0) / (l1 - l0) if l1 != l0 else 1.0)
+    return pts[-1][1]
 
 
 def allocate(

@@ -27,7 +27,7 @@ from torch import nn
 
 from lightning_opt import inputs
 from lightning_opt._utils import ConciseArgumentParser, load_checkpoint
-from lightning_opt.planning._allocate import allocate, fallback_layers
+from lightning_opt.planning._allocate import allocate, fallback_layers, interpolate
 from lightning_opt.planning._recipe import Recipe, build_recipe, read_recipe_file
 from lightning_opt.planning._sensitivity import (
     DEFAULT_GRID,
@@ -331,7 +331,6 @@ def _scan_and_plan(
         grid,
         mode == "max",
         progress=False if args.no_progress else None,
-        stop_at=evaluator.destroyed() if mode == "max" else None,
     )
     example = inputs.first_rows(evaluator.chunks[0][0], 1) if evaluator.chunks else inputs.module_example(model)
     scan.flops = layer_flops(model, prune_layers, example) if example is not None else {}
@@ -484,7 +483,7 @@ def _plan(
         layers = list(scan.prune)
         full = {n: quant_path + "." + n if quant_path else n for n in scan.quant}
         int8 = {full[n] for n in scan.quant if n not in skip} if quant_cb is not None else set()
-        curves = {n: scan.curve(n)[1:] for n in layers}
+        curves = {n: scan.cost_curve(n)[1:] for n in layers}
         total_params = sum(p.numel() for p in params.values())
         prunable = sum(scan.params[n] for n in layers)
         budget: float | None = None
@@ -516,8 +515,13 @@ def _plan(
                 f"{fixed:.6g} of it. HINT: a larger target, or prune more layers (Pruning `module_types`/`include`)."
             )
         prune_budget = None if max_drop is None else max(max_drop - quant_drop, 0.0)
-        allocation = allocate(curves, cost, budget=budget, max_drop=prune_budget)
+        if budget is None and scan.prune_loss:  # capped by accuracy points: search the loss frontier for it
+            allocation = _capped(curves, cost, scan, prune_budget or 0.0)
+        else:
+            allocation = allocate(curves, cost, budget=budget, max_drop=prune_budget)
         sparsity = {n: _whole(s, scan.params[n]) for n, s in allocation.sparsity.items()}
+        layer_drop = {n: interpolate(scan.curve(n)[1:], sparsity[n]) for n in layers}
+        allocation.layer_drop, allocation.predicted_drop = layer_drop, sum(layer_drop.values())
         global_sparsity = sum(scan.params[n] * sparsity[n] for n in layers) / prunable
         saved = _apply_masks(model, scan, sparsity)
         one_shot = scan.drop(evaluator()[0])
@@ -542,6 +546,27 @@ def _plan(
     plan["target"] = str(target) if target is not None else None
     plan["summary"] = _summary(plan, scan)
     return plan
+
+
+def _capped(curves: dict[str, Any], cost: dict[str, float], scan: SensitivityScan, max_drop: float) -> Any:
+    """The smallest kept resource whose loss-optimal allocation predicts at most ``max_drop`` accuracy points
+    (bisection on the budget; the predicted accuracy drop grows as the budget shrinks)."""
+    total = sum(cost.values())
+    lo, hi = 0.0, total  # hi always feasible (dense)
+    best = allocate(curves, cost, budget=total)
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        try:
+            trial = allocate(curves, cost, budget=mid)
+        except ValueError:
+            lo = mid
+            continue
+        drop = sum(interpolate(scan.curve(n)[1:], s) for n, s in trial.sparsity.items())
+        if drop <= max_drop:
+            best, hi = trial, mid
+        else:
+            lo = mid
+    return best
 
 
 def _whole(sparsity: float, numel: int) -> float:

@@ -104,6 +104,7 @@ class Evaluator:
             raise ValueError("--metric accuracy needs batches with integer class targets (inputs, labels).")
         self.metric = metric
         self.outputs: Tensor | None = None
+        self.last_loss: float | None = None  # validation cross-entropy of the last accuracy evaluation
         if metric == "accuracy":
             out = self._forward_chunks()
             if out.dim() != 2:
@@ -112,8 +113,10 @@ class Evaluator:
                     f"{list(out.shape)}. HINT: name a metric the model logs with --metric."
                 )
             self.baseline, self.outputs = self._accuracy(out), out
+            self.baseline_loss: float | None = self.last_loss
         else:
             self.baseline, self.outputs = self()
+            self.baseline_loss = None
 
     def destroyed(self, share: float = 0.05) -> float | None:
         """For accuracy: the value ``share`` of the way from chance (``100 / classes``) to the baseline, below which a
@@ -151,6 +154,8 @@ class Evaluator:
     def _accuracy(self, out: Tensor) -> float:
         target = torch.cat([t for _, t in self.chunks])
         labeled = target != -1
+        ce = torch.nn.functional.cross_entropy(out[labeled], target[labeled]) if labeled.any() else torch.tensor(0.0)
+        self.last_loss = float(ce)
         correct = (out.argmax(-1) == target) & labeled
         return 100.0 * float(correct.sum()) / max(int(labeled.sum()), 1)
 
@@ -193,6 +198,8 @@ class SensitivityScan:
         higher_is_better: whether a larger value is better (drops are ``baseline - value`` then).
         baseline: the dense model's metric.
         prune: ``{layer: [(sparsity, metric), ...]}`` (layer = the pruned weight's module name).
+        prune_loss: ``{layer: [(sparsity, validation cross-entropy increase), ...]}`` (accuracy scans only): a cost
+            that keeps growing after the accuracy of a destroyed layer has hit chance; the allocation uses it.
         quant: ``{layer: (metric, output SQNR in dB)}`` with that layer alone fake-quantized.
         quant_all: the metric with every scanned layer fake-quantized (None when no layer was scanned).
         params: ``{layer: weights}`` of the prunable layers.
@@ -208,6 +215,7 @@ class SensitivityScan:
     higher_is_better: bool
     baseline: float
     prune: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    prune_loss: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     quant: dict[str, tuple[float, float]] = field(default_factory=dict)
     quant_all: float | None = None
     params: dict[str, int] = field(default_factory=dict)
@@ -226,6 +234,13 @@ class SensitivityScan:
             4.5
         """
         return self.baseline - value if self.higher_is_better else value - self.baseline
+
+    def cost_curve(self, layer: str) -> list[tuple[float, float]]:
+        """What the allocation minimises for a layer, ``[(sparsity, cost)]`` from ``(0, 0)``: the validation
+        cross-entropy increase when the scan measured it (accuracy), else the metric drop (:meth:`curve`)."""
+        if layer in self.prune_loss:
+            return [(0.0, 0.0), *self.prune_loss[layer]]
+        return self.curve(layer)
 
     def curve(self, layer: str) -> list[tuple[float, float]]:
         """``[(sparsity, drop)]`` of a layer, starting at ``(0, 0)``."""
@@ -477,18 +492,25 @@ def scan_sensitivity(
                 score = {wname: original.abs()}
                 ones = {wname: torch.ones_like(original, dtype=torch.bool)}
                 points: list[tuple[float, float]] = []
+                losses: list[tuple[float, float]] = []
                 for s in grid:
                     bar.update(1)
                     last = points[-1][1] if points else None
                     if last is not None and stop_at is not None and _worse_or_equal(last, stop_at, higher_is_better):
                         points.append((s, last))
+                        if losses:
+                            losses.append((s, losses[-1][1]))
                         continue
                     mask = unstructured_masks(score, ones, [([wname], s)])[wname]
                     p.mul_(mask)
                     points.append((s, evaluator()[0]))
+                    if evaluator.last_loss is not None and evaluator.baseline_loss is not None:
+                        losses.append((s, evaluator.last_loss - evaluator.baseline_loss))
                     p.copy_(original)
                     result.evaluations += 1
                 result.prune[mname] = points
+                if losses:
+                    result.prune_loss[mname] = losses
         reference = evaluator.outputs
         for name, module in quant_layers.items():
             result.evaluations += 1
