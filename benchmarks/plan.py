@@ -100,7 +100,7 @@ class _Images32(pl.LightningDataModule):
             dx, dy = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
             x = torch.stack([templates[c, :, i : i + 32, j : j + 32] for c, i, j in zip(y.tolist(), dx, dy)])
             contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
-            x = contrast * x + 0.9 * torch.randn(n, 3, 32, 32, generator=g)
+            x = contrast * x + 1.6 * torch.randn(n, 3, 32, 32, generator=g)
             return x, y
 
         return {"train": make(3500), "val": make(500), "test": make(1000)}
@@ -255,13 +255,12 @@ def _fmt_plan(plan: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- int8
-def _ptq_acc(model: ImageClassifier, dm: pl.LightningDataModule, skip: list[str]) -> float:
+def _ptq_acc(model: ImageClassifier, dm: pl.LightningDataModule, skip: list[str], calibration: list[Any]) -> float:
     from lightning_opt.quantization import QuantSpec, calibrate, convert
 
     backbone = model.backbone
-    example = next(iter(dm.train_dataloader()))[0][:2]
-    spec = QuantSpec.for_example("backbone", example, mode="ptq", skip=skip)
-    graph = convert(calibrate(backbone, spec, dm.train_dataloader(), 10))
+    spec = QuantSpec.for_example("backbone", calibration[0][0][:2], mode="ptq", skip=skip)
+    graph = convert(calibrate(backbone, spec, calibration, len(calibration)))
     model.backbone = graph
     try:
         return _test_acc(model, dm)
@@ -297,8 +296,9 @@ def bench_int8(args: argparse.Namespace) -> list[str]:
                         return scan.drop(evaluator()[0])
 
                 skip, _ = fallback_layers(order, evaluate, max_drop=0.0, min_int8=0.8)
-                all_int8 = _ptq_acc(model, dm, [])
-                planned = _ptq_acc(model, dm, skip)
+                calibration = [b for _, b in zip(range(10), dm.train_dataloader())]  # the same batches for both
+                all_int8 = _ptq_acc(model, dm, [], calibration)
+                planned = _ptq_acc(model, dm, skip, calibration) if skip else all_int8
                 loss = fp32 - all_int8
                 recovered = (planned - all_int8) / loss if loss > 0 else float("nan")
                 name = f"SmallCNN [32, 64, 64]{'' if batch_norm else ' without BN'} seed {seed}"
