@@ -35,6 +35,7 @@ SECTIONS = {
     "quantization": "Quantization",
     "search": "Search",
     "lm": "Language models",
+    "plan": "Planning",
 }
 
 INTRO = (

@@ -80,10 +80,10 @@ class ConciseArgumentParser(argparse.ArgumentParser):
         SystemExit: 2
     """
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\nRun `{self.prog} --help` for the accepted options.\n")
         raise SystemExit(2)

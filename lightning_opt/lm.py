@@ -245,7 +245,7 @@ class LanguageModelingMetric(Metric):
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, losses: Tensor, token_bytes: Tensor) -> None:  # type: ignore[override]
+    def update(self, losses: Tensor, token_bytes: Tensor) -> None:
         """Add the losses (nats) of counted tokens and the bytes each of them stands for."""
         # out of place: states reset under inference mode (trainer.validate) cannot be updated in place afterwards
         self.nats = self.nats + losses.detach().double().sum()

@@ -133,10 +133,10 @@ class SuggestingArgumentParser(LightningArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         hint = self._suggest(message)
         if not self.exit_on_error or debug_enabled():  # jsonargparse probing a type, or a traceback was asked for
-            super().error(message + hint, ex)  # type: ignore[call-arg]
+            super().error(message + hint, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         text = concise_message(message.strip())

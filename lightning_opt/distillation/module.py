@@ -233,7 +233,7 @@ class DistillationModule(LightningModule):
         return self._teacher
 
     @override
-    def _apply(self, fn: Any, recurse: bool = True) -> LightningModule:  # type: ignore[override]
+    def _apply(self, fn: Any, recurse: bool = True) -> LightningModule:
         super()._apply(fn, recurse)
         self._teacher._apply(fn)
         if self._cache is not None:
@@ -246,7 +246,7 @@ class DistillationModule(LightningModule):
         out = super().to(*args, **kwargs)
         if isinstance(self._teacher, LightningModule):  # keep the teacher's `.device` property right
             self._teacher.to(*args, **kwargs)
-        return out  # type: ignore[return-value]
+        return out
 
     def _teacher_forward(self, x: Any) -> Tensor:
         if self._teacher.training:

@@ -327,7 +327,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 
     kept_heads: list[int]
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: Tensor,
         key: Tensor,
@@ -515,7 +515,7 @@ def _forward(model: nn.Module, example: Any, opaque: Sequence[nn.Module] = ()) -
         for c in configs.values():
             c.use_cache = False
         for m in opaque:
-            m.forward = functools.partial(_opaque_forward, type(m).forward.__get__(m))  # type: ignore[method-assign]
+            m.forward = functools.partial(_opaque_forward, type(m).forward.__get__(m))
             patched.append(m)
         return inputs.call(model, example)
     finally:

@@ -267,6 +267,36 @@ class Pruning(Callback):
             rank_zero_warn(f"Pruning.rebind: no parameter of the same name and shape for masks {missing}.")
         return missing
 
+    def update_steps(self, total_steps: int | float) -> list[int]:
+        """The optimizer steps at which this callback updates the masks in a run of ``total_steps`` steps.
+
+        A step ``t`` here means: the update runs just before the ``t``-th optimizer step (``trainer.global_step ==
+        t - 1``, in ``on_before_optimizer_step``), so the new masks are in force from ``global_step == t`` on. An
+        update the schedule places at step 0 runs before the first optimizer step (``t = 1``); updates the schedule
+        places after ``total_steps`` never run. These are the steps of ``schedule.update_steps`` as the callback
+        reaches them (the planner's timeline reads them from here).
+
+        Args:
+            total_steps: the run's optimizer steps (``trainer.estimated_stepping_batches``).
+
+        Returns:
+            The sorted steps, each once.
+
+        Raises:
+            ValueError: if the schedule cannot be resolved for ``total_steps`` (see ``Schedule.resolve``).
+
+        Examples:
+            >>> from lightning_opt.schedules import PolynomialSchedule
+            >>> Pruning(schedule=PolynomialSchedule(final=0.9, start=0, end=30, frequency=10)).update_steps(100)
+            [1, 10, 20, 30]
+        """
+        steps: list[int] = []
+        for due in self.schedule.update_steps(total_steps):
+            at = max(due, 1)  # `on_before_optimizer_step` asks for the update due at `global_step + 1` >= 1
+            if at <= total_steps and (not steps or at > steps[-1]):
+                steps.append(at)
+        return steps
+
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned elements in place (what runs after every optimizer step)."""
@@ -616,7 +646,9 @@ class Pruning(Callback):
                 p = params.get(r["layer"])
                 if p is not None:
                     w = p.detach()
-                    tb.add_histogram(f"pruning/weights/{r['layer']}", w[w != 0].float().cpu(), step)
+                    kept = w[w != 0]
+                    if kept.numel():  # a layer pruned to nothing has no histogram (TensorBoard refuses an empty one)
+                        tb.add_histogram(f"pruning/weights/{r['layer']}", kept.float().cpu(), step)
 
     # ------------------------------------------------------------------ end of fit
     @override

@@ -562,31 +562,87 @@ class QuantizationAwareTraining(_Int8Callback):
             _check_order(trainer, self)
             self.ensure_prepared(trainer, pl_module)
 
-    def resolve_steps(self, trainer: pl.Trainer) -> None:
-        """Turn ``start``/freeze points into global steps and check them against the training length."""
-        total = float(trainer.estimated_stepping_batches)
-        self.start_step = _resolve_point(self.start, total, "start")
-        self.freeze_observers_step = _resolve_point(self.freeze_observers, total, "freeze_observers")
-        self.freeze_bn_step = _resolve_point(self.freeze_bn, total, "freeze_bn")
-        assert self.start_step is not None
-        if not math.isinf(total) and self.start_step >= total:
-            raise ValueError(
-                f"`start` {self.start!r} is step {self.start_step}, at or after the end of training "
-                f"({int(total)} steps): fake quantization would never run. HINT: use a fraction such as 0.5, or "
-                "raise max_steps/max_epochs."
-            )
-        if (
-            isinstance(self.freeze_observers, float)
-            and self.freeze_observers_step is not None
-            and self.freeze_observers_step <= self.start_step
-        ):  # fractions of a very short run can round onto `start`: observe for at least one step
-            self.freeze_observers_step = self.start_step + 1
-        for name, value in (("freeze_observers", self.freeze_observers_step), ("freeze_bn", self.freeze_bn_step)):
-            if value is not None and value < self.start_step:
-                raise ValueError(
-                    f"`{name}` is step {value}, before `start` (step {self.start_step}): nothing would be observed "
-                    "or trained with fake quantization first. HINT: freeze points come after `start`."
+    def phase_steps(self, total_steps: float) -> dict[str, int | None]:
+        """The global steps of ``start``, ``freeze_observers`` and ``freeze_bn`` in a run of ``total_steps`` steps.
+
+        What fit uses (`resolve_steps` sets them from here; the planner's timeline reads them): a fraction is
+        ``round(fraction * total_steps)`` (the schedules' rule); a fractional ``freeze_observers`` that rounds onto
+        ``start`` moves one step after it. Nothing is checked here: `phase_problems` lists what fit would refuse.
+
+        Args:
+            total_steps: the run's optimizer steps (``trainer.estimated_stepping_batches``).
+
+        Returns:
+            ``{"start": step, "freeze_observers": step or None, "freeze_bn": step or None}``.
+
+        Raises:
+            ValueError: if a fraction is given and ``total_steps`` is infinite.
+
+        Examples:
+            >>> QuantizationAwareTraining(start=0.5, freeze_observers=0.8).phase_steps(100)
+            {'start': 50, 'freeze_observers': 80, 'freeze_bn': None}
+        """
+        start = _resolve_point(self.start, total_steps, "start")
+        assert start is not None
+        observers = _resolve_point(self.freeze_observers, total_steps, "freeze_observers")
+        bn = _resolve_point(self.freeze_bn, total_steps, "freeze_bn")
+        if isinstance(self.freeze_observers, float) and observers is not None and observers <= start:
+            observers = start + 1  # fractions of a very short run can round onto `start`: observe for at least a step
+        return {"start": start, "freeze_observers": observers, "freeze_bn": bn}
+
+    def phase_problems(self, total_steps: float) -> list[tuple[str, str]]:
+        """What fit would refuse about the phase points in a run of ``total_steps`` steps, as ``(argument, message)``.
+
+        Args:
+            total_steps: the run's optimizer steps.
+
+        Returns:
+            One entry per problem (empty when the points are consistent): ``start`` at or after the end of training,
+            a freeze point before ``start``.
+
+        Examples:
+            >>> QuantizationAwareTraining(start=50, freeze_bn=10).phase_problems(100)[0][0]
+            'freeze_bn'
+        """
+        steps = self.phase_steps(total_steps)
+        start = steps["start"]
+        assert start is not None
+        problems = []
+        if not math.isinf(total_steps) and start >= total_steps:
+            problems.append(
+                (
+                    "start",
+                    f"`start` {self.start!r} is step {start}, at or after the end of training ({int(total_steps)} "
+                    "steps): fake quantization would never run. HINT: use a fraction such as 0.5, or raise "
+                    "max_steps/max_epochs.",
                 )
+            )
+        for name in ("freeze_observers", "freeze_bn"):
+            value = steps[name]
+            if value is not None and value < start:
+                problems.append(
+                    (
+                        name,
+                        f"`{name}` is step {value}, before `start` (step {start}): nothing would be observed or "
+                        "trained with fake quantization first. HINT: freeze points come after `start`.",
+                    )
+                )
+        return problems
+
+    def resolve_steps(self, trainer: pl.Trainer) -> None:
+        """Turn ``start``/freeze points into global steps and check them against the training length.
+
+        Raises:
+            ValueError: the first of `phase_problems`.
+        """
+        total = float(trainer.estimated_stepping_batches)
+        problems = self.phase_problems(total)
+        if problems:
+            raise ValueError(problems[0][1])
+        steps = self.phase_steps(total)
+        self.start_step = steps["start"]
+        self.freeze_observers_step = steps["freeze_observers"]
+        self.freeze_bn_step = steps["freeze_bn"]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
