@@ -269,26 +269,30 @@ class TokenWindows(Dataset):
     Args:
         tokens: A 1-D integer tensor (any integer dtype; stored as given, returned as int64).
         context: Tokens per input.
+        return_index: Also return the window's index, third (keys the distillation teacher's cache).
 
     Example:
         >>> windows = TokenWindows(torch.arange(10), context=4)
         >>> len(windows), windows[1]
         (2, (tensor([4, 5, 6, 7]), tensor([5, 6, 7, 8])))
+        >>> TokenWindows(torch.arange(10), context=4, return_index=True)[1][2]
+        1
     """
 
-    def __init__(self, tokens: torch.Tensor, context: int) -> None:
+    def __init__(self, tokens: torch.Tensor, context: int, return_index: bool = False) -> None:
         self.tokens = tokens
         self.context = context
+        self.return_index = return_index
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         start = index * self.context
         chunk = self.tokens[start : start + self.context + 1].long()
-        return chunk[:-1], chunk[1:]
+        return (chunk[:-1], chunk[1:], index) if self.return_index else (chunk[:-1], chunk[1:])
 
 
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -342,6 +346,8 @@ class TextDataModule(_InMemoryDataModule):
         vocab_size: Vocabulary of the BPE to train (``tokenizer="bpe"`` without ``tokenizer_path``).
         tokenizer_path: A ``tokenizer.json`` to load instead of training one (``tokenizer="bpe"``).
         num_workers: DataLoader workers.
+        return_index: Batches are ``(input_ids, targets, window index)``: what
+            ``DistillationModule(cache_teacher_outputs=True)`` keys its cache of the teacher's outputs by.
 
     Raises:
         ValueError: If an argument is out of range (checked here), or at ``setup``: a split without any file or too
@@ -372,9 +378,10 @@ class TextDataModule(_InMemoryDataModule):
         vocab_size: int = 4096,
         tokenizer_path: str | None = None,
         num_workers: int = 0,
+        return_index: bool = False,
     ) -> None:
         _check_int("batch_size", batch_size, 1)
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, return_index=return_index)
         _check_int("context", context, 1)
         _check_int("max_files", max_files, 3, allow_none=True, hint="each of train, val and test needs a file.")
         _check_int("max_tokens", max_tokens, 2, allow_none=True, hint="a window needs context + 1 tokens.")
@@ -506,7 +513,7 @@ class TextDataModule(_InMemoryDataModule):
         splits: dict[str, Dataset] = {}
         for name in SPLITS:
             tokens = self._tokenize(texts[name], dtype)
-            windows = TokenWindows(tokens, self.context)
+            windows = TokenWindows(tokens, self.context, self.return_index)
             if len(windows) == 0:
                 raise ValueError(
                     f"The {name} split is too short for one window: {len(tokens)} tokens from {len(self.files[name])} "
