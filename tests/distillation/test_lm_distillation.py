@@ -180,7 +180,7 @@ def test_topk_teacher_renormalises_over_the_kept_tokens(kind: str) -> None:
 def _cached_run(
     tmp_path: Path, teacher: LanguageModel, cache: bool, top_k: int | None, epochs: int = 2
 ) -> tuple[DistillationModule, TextDataModule, list[int]]:
-    """Distil for ``epochs`` epochs over a 24-window corpus; returns the module, the data and teacher calls per epoch."""
+    """Distil for ``epochs`` epochs over 24 windows; returns the module, the data and the teacher calls per epoch."""
     pl.seed_everything(0)
     model = DistillationModule(
         student=LanguageModel(**STUDENT),
