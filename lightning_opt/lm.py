@@ -58,8 +58,10 @@ def _positive_int(name: str, value: Any, hint: str = "") -> None:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused ``qkv`` Linear and an output ``proj`` Linear.
 
-    The head size is read from ``qkv``'s weight at each call (``out_features / 3 / num_heads``), so a pruner that
-    removes whole heads (and updates ``num_heads``) or channels inside every head leaves a working module.
+    Laid out as timm's ``Attention`` (``num_heads``, ``head_dim``, ``attn_dim = num_heads * head_dim``; ``qkv``'s
+    outputs are ``[q heads, k heads, v heads]``, reshaped to ``(batch, tokens, 3, heads, head_dim)``), which the
+    attention-aware channel pruning recognises: ``Pruning(granularity="channel", remove_channels=True)`` removes
+    whole heads (it updates ``num_heads`` and ``attn_dim``; the head size is read from ``qkv``'s weight) and MLP units.
 
     Args:
         width: Model width.
@@ -70,6 +72,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_heads = heads
+        self.head_dim = width // heads
+        self.attn_dim = width
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
@@ -77,8 +81,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (z.reshape(b, t, self.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, -1)))
 

@@ -61,11 +61,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,7 @@ __all__ = [
     "channel_units",
     "extra_groups",
     "head_slices",
+    "modules_with_eq_hidden",
     "param_slices",
     "restore_attention_structure",
     "transformer_config",
@@ -667,10 +669,44 @@ def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return out
 
 
+@contextlib.contextmanager
+def modules_with_eq_hidden(model: nn.Module) -> Iterator[None]:
+    """Detach, for the duration, every submodule whose class overloads ``==`` (torchmetrics ``Metric``s).
+
+    Torch-Pruning compares modules with ``==`` and ``in`` while it builds its graph (``m == layer_type`` for each
+    customized pruner, ``m not in ignored_layers`` for each layer); a torchmetrics ``Metric`` overloads ``==`` to build
+    a (truthy) compositional metric, so one metric attribute on a LightningModule (``LanguageModel.val_metric``) with
+    one customized pruner (Hugging Face ``Conv1D``, ``nn.MultiheadAttention``) made every layer look ignored: the
+    trace recorded no layer and no channel group could be pruned. The modules come back in their original order.
+
+    Example:
+        >>> import torchmetrics
+        >>> model = nn.Sequential(nn.Linear(2, 2), torchmetrics.MeanMetric())
+        >>> with modules_with_eq_hidden(model):
+        ...     [type(m).__name__ for m in model.children()]
+        ['Linear']
+        >>> [type(m).__name__ for m in model.children()]
+        ['Linear', 'MeanMetric']
+    """
+    saved: list[tuple[nn.Module, dict[str, nn.Module | None]]] = []
+    for parent in list(model.modules()):
+        children = parent._modules
+        if any(c is not None and type(c).__eq__ is not nn.Module.__eq__ for c in children.values()):
+            saved.append((parent, dict(children)))
+            for name in [n for n, c in children.items() if c is not None and type(c).__eq__ is not nn.Module.__eq__]:
+                del children[name]
+    try:
+        yield
+    finally:
+        for parent, children in saved:
+            parent._modules.clear()
+            parent._modules.update(children)
+
+
 def _build(model: nn.Module, example_inputs: Any, config: TPConfig) -> tp.DependencyGraph:
     modes = {m: m.training for m in model.modules()}
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), modules_with_eq_hidden(model):
             warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())
     finally:
