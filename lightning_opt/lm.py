@@ -405,7 +405,17 @@ class LanguageModel(pl.LightningModule):
 
     # ---------------------------------------------------------------- model
     def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits ``(batch, tokens, vocab_size)``."""
+        """Logits ``(batch, tokens, vocab_size)``.
+
+        Raises:
+            ValueError: If the input is longer than ``context`` (a Hugging Face backbone would fail with an index
+                error in its position embedding).
+        """
+        if input_ids.shape[-1] > self.context:
+            raise ValueError(
+                f"The input has {input_ids.shape[-1]} tokens, more than the model's context of {self.context}. HINT: "
+                "crop it to the last `context` tokens, or set the data's context <= the model's."
+            )
         if self.is_hf:
             return self.backbone(input_ids=input_ids).logits
         return self.backbone(input_ids)

@@ -366,3 +366,35 @@ def test_report_gives_perplexity_size_and_tokens_per_second_before_and_after(tmp
     written = (report.output_dir / "report.md").read_text()
     assert "## Language model" in written and "| decode tokens/s |" in written
     assert json.loads((report.output_dir / "report.json").read_text())["language_model"] == section
+
+
+def test_hf_backbone_refuses_inputs_longer_than_its_context() -> None:
+    model = LanguageModel(**TINY, hf_config={"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2})
+    with pytest.raises(ValueError, match=r"The input has 17 tokens, more than the model's context of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--data.init_args.root={tmp}/empty", "No file matches glob='*.py' in it or any subfolder"),
+        ("--data.init_args.context=32", "datamodule's `context` (32) is longer than the model's `context` (16)"),
+    ],
+    ids=["empty-corpus-folder", "context-longer-than-the-model"],
+)
+def test_lm_recipe_with_bad_data_fails_in_one_line_before_training(
+    override: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from lightning_opt.cli import main
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_OPT_DEBUG", raising=False)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "lm" / "student.yaml"
+    argv = ["fit", "--config", str(recipe), "--model.init_args.context=16", "--data.init_args.context=16"]
+    argv += ["--data.init_args.max_files=6", "--trainer.max_steps=1", override.replace("{tmp}", str(tmp_path))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained

@@ -300,6 +300,13 @@ class DistillationModule(LightningModule):
         """Dry forward of both models on the example ``x`` (eval mode, no grad): checks shapes, builds adapters."""
         if self._probed:
             return
+        t_context, first = getattr(self._teacher, "context", None), inputs.flat_tensors(x)[0]
+        if isinstance(t_context, int) and first.dim() == 2 and first.shape[-1] > t_context:  # next-token models
+            raise ValueError(
+                f"the teacher's `context` is {t_context} tokens, shorter than the student's inputs ({first.shape[-1]} "
+                f"tokens: {inputs.describe(x)}). HINT: the teacher must read every window the student trains on: set "
+                f"the data's and the student's `context` <= {t_context}, or use a teacher trained with a longer one."
+            )
         was_training = self.student.training
         self.student.eval()
         try:

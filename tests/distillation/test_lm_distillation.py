@@ -244,3 +244,13 @@ def test_teacher_top_k_is_checked() -> None:
         DistillationModule(student=LanguageModel(**STUDENT), teacher=LanguageModel(**TEACHER), teacher_top_k=0)
     with pytest.raises(ValueError, match=r"`teacher_top_k`=300 exceeds the teacher's 256 classes \(vocabulary\)"):
         DistillationModule(student=LanguageModel(**STUDENT), teacher=LanguageModel(**TEACHER), teacher_top_k=300)
+
+
+@pytest.mark.parametrize("backbone", ["decoder", "hf"])
+def test_teacher_with_a_shorter_context_is_refused_before_training(backbone: str) -> None:
+    hf = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2} if backbone == "hf" else None
+    teacher = LanguageModel(**{**TEACHER, "context": 8}, hf_config=hf)
+    with pytest.raises(
+        ValueError, match=r"the teacher's `context` is 8 tokens, shorter than the student's inputs \(16"
+    ):
+        DistillationModule(student=LanguageModel(**STUDENT), teacher=teacher)
