@@ -226,7 +226,8 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def _cached_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``_load_splits()``, loaded once per process and key (a search builds a datamodule per trial); each
-        instance gets its own copy of the tensors, so one cannot change another's data."""
+        instance gets its own copy of the tensors, so one cannot change another's data.
+        """
         key = self._split_key()
         owner = next(c for c in type(self).__mro__ if "_load_splits" in vars(c))
         if key is None or "_split_key" not in vars(owner):  # a subclass loads its own way: no shared copy

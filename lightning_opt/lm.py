@@ -1,17 +1,17 @@
 """Causal language models: a small GPT-style decoder and the ``LanguageModel`` LightningModule that trains it.
 
-:class:`GPTDecoder` is built from plain ``nn.Embedding``, ``nn.LayerNorm`` and ``nn.Linear`` layers (one fused ``qkv``
+`GPTDecoder` is built from plain ``nn.Embedding``, ``nn.LayerNorm`` and ``nn.Linear`` layers (one fused ``qkv``
 and one ``proj`` per attention, ``fc1``/``fc2`` per MLP) and ``F.scaled_dot_product_attention(is_causal=True)``, so
 the project's pruning and quantization callbacks see ordinary Linear layers; every attention module exposes
 ``num_heads`` and takes its head size from its weights, so heads removed physically keep it working.
 
-:class:`LanguageModel` trains it (or a Hugging Face causal LM built from a config, never downloaded) on next-token
+`LanguageModel` trains it (or a Hugging Face causal LM built from a config, never downloaded) on next-token
 cross-entropy and reports the loss, perplexity and bits per byte, with a generated sample in TensorBoard at each
 validation. It reads its tokenizer and the bytes each token stands for from a
-:class:`~lightning_opt.text.TextDataModule`, and checks before training that the datamodule's vocabulary and context
+`TextDataModule`, and checks before training that the datamodule's vocabulary and context
 fit the model.
 
-Example:
+Examples:
     >>> model = LanguageModel(vocab_size=256, context=16, layers=1, width=16, heads=2)
     >>> model(model.example_input_array).shape
     torch.Size([1, 16, 256])
@@ -43,7 +43,7 @@ __all__ = [
     "next_token_losses",
 ]
 
-#: Checkpoint key of the model's tokenizer (:func:`~lightning_opt.text.tokenizer_state`).
+#: Checkpoint key of the model's tokenizer (`tokenizer_state`).
 TOKENIZER_KEY = "lightning_opt_tokenizer"
 
 #: Target id that counts in no loss or metric (padding), as in ``F.cross_entropy``.
@@ -58,8 +58,10 @@ def _positive_int(name: str, value: Any, hint: str = "") -> None:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused ``qkv`` Linear and an output ``proj`` Linear.
 
-    The head size is read from ``qkv``'s weight at each call (``out_features / 3 / num_heads``), so a pruner that
-    removes whole heads (and updates ``num_heads``) or channels inside every head leaves a working module.
+    Laid out as timm's ``Attention`` (``num_heads``, ``head_dim``, ``attn_dim = num_heads * head_dim``; ``qkv``'s
+    outputs are ``[q heads, k heads, v heads]``, reshaped to ``(batch, tokens, 3, heads, head_dim)``), which the
+    attention-aware channel pruning recognises: ``Pruning(granularity="channel", remove_channels=True)`` removes
+    whole heads (it updates ``num_heads`` and ``attn_dim``; the head size is read from ``qkv``'s weight) and MLP units.
 
     Args:
         width: Model width.
@@ -70,6 +72,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.num_heads = heads
+        self.head_dim = width // heads
+        self.attn_dim = width
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
@@ -77,8 +81,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (z.reshape(b, t, self.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, -1)))
 
@@ -127,7 +130,7 @@ class GPTDecoder(nn.Module):
         ValueError: If a size is not a positive integer, ``heads`` does not divide ``width``, ``mlp_ratio`` <= 0 or
             ``dropout`` is outside [0, 1).
 
-    Example:
+    Examples:
         >>> decoder = GPTDecoder(vocab_size=256, context=8, layers=2, width=16, heads=4)
         >>> decoder(torch.zeros(2, 8, dtype=torch.long)).shape
         torch.Size([2, 8, 256])
@@ -208,7 +211,7 @@ def next_token_losses(logits: Tensor, targets: Tensor, ignore_index: int = IGNOR
     Returns:
         ``(losses, mask)``, both flat; ``losses`` is 0 where ``mask`` is false.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 3, 4)
         >>> losses, mask = next_token_losses(logits, torch.tensor([[1, -100, 2]]))
         >>> [round(v, 4) for v in losses.tolist()], mask.tolist()
@@ -227,7 +230,7 @@ class LanguageModelingMetric(Metric):
     ``loss`` is the mean cross-entropy per target token (nats), ``ppl`` = ``exp(loss)`` and ``bpb`` = the summed
     cross-entropy in bits over the UTF-8 bytes of the target tokens' text (for a byte tokenizer, ``loss / ln 2``).
 
-    Example:
+    Examples:
         >>> metric = LanguageModelingMetric()
         >>> metric.update(torch.tensor([math.log(4.0)] * 2), torch.tensor([2, 2]))
         >>> {k: round(float(v), 4) for k, v in metric.compute().items()}
@@ -299,14 +302,14 @@ def _build_hf(hf_config: dict[str, Any], vocab_size: int, context: int) -> nn.Mo
 class LanguageModel(pl.LightningModule):
     """Trains a causal language model on next-token cross-entropy; reports loss, perplexity and bits per byte.
 
-    The backbone is a :class:`GPTDecoder` (``layers``, ``width``, ``heads``, ``mlp_ratio``, ``dropout``,
+    The backbone is a `GPTDecoder` (``layers``, ``width``, ``heads``, ``mlp_ratio``, ``dropout``,
     ``tie_weights``) or, with ``hf_config``, a Hugging Face causal LM built from a config at random init (its
     ``vocab_size`` and context are this module's). Batches are ``(input_ids, targets)``, both ``(batch, tokens)``
     int64; targets equal to -100 count in nothing.
 
     Logs ``train/loss`` (each step and epoch), ``val/loss``, ``val/ppl``, ``val/bpb`` and the same under ``test/``.
     Bits per byte use the UTF-8 bytes each target token stands for, read from the datamodule's tokenizer (a
-    :class:`~lightning_opt.text.TextDataModule`; bytes otherwise). After each validation (not the sanity check) a
+    `TextDataModule`; bytes otherwise). After each validation (not the sanity check) a
     sample continuing ``sample_prompt`` goes to TensorBoard as text (``val/sample``) when the logger is TensorBoard.
 
     The optimizer is AdamW (weight decay on matrices only) with a linear warmup over ``warmup`` steps and a cosine
@@ -338,7 +341,7 @@ class LanguageModel(pl.LightningModule):
             ``vocab_size``/``context``; at ``setup`` (before training), if the datamodule's tokenizer has more tokens
             than ``vocab_size`` or its ``context`` is longer than the model's.
 
-    Example:
+    Examples:
         >>> model = LanguageModel(vocab_size=256, context=8, layers=1, width=8, heads=2, sample_tokens=4)
         >>> len(model.generate("ab", max_new_tokens=4))
         6
@@ -402,7 +405,17 @@ class LanguageModel(pl.LightningModule):
 
     # ---------------------------------------------------------------- model
     def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits ``(batch, tokens, vocab_size)``."""
+        """Logits ``(batch, tokens, vocab_size)``.
+
+        Raises:
+            ValueError: If the input is longer than ``context`` (a Hugging Face backbone would fail with an index
+                error in its position embedding).
+        """
+        if input_ids.shape[-1] > self.context:
+            raise ValueError(
+                f"The input has {input_ids.shape[-1]} tokens, more than the model's context of {self.context}. HINT: "
+                "crop it to the last `context` tokens, or set the data's context <= the model's."
+            )
         if self.is_hf:
             return self.backbone(input_ids=input_ids).logits
         return self.backbone(input_ids)

@@ -78,14 +78,14 @@ def _score(bullet: list[str]) -> int:
 
 
 def concise_message(message: str) -> str:
-    """Condense jsonargparse's "does not validate against any of the Union subtypes" report to its one relevant item.
+    r"""Condense jsonargparse's "does not validate against any of the Union subtypes" report to its one relevant item.
 
     The report lists one item per type of the union it tried; the item that names the user's own class or our own
     validation message (backticks, a HINT) is kept with the key, the rest (``Expected a <class 'NoneType'>``, the
     generic base class) is dropped.
 
     Examples:
-        >>> report = "\\n".join([
+        >>> report = "\n".join([
         ...     'Parser key "trainer.callbacks":',
         ...     "  Does not validate against any of the Union subtypes",
         ...     "  Errors:",
@@ -275,7 +275,8 @@ class LightningOptCLI(LightningCLI):
 
 def written_files(trainer: Trainer) -> dict[str, str]:
     """What a run wrote, by what it holds: its checkpoints, the recipe as run, the TensorBoard folder and every file
-    a callback lists in its ``artifacts`` (the report, the pruned model, the int8 artifact, the student)."""
+    a callback lists in its ``artifacts`` (the report, the pruned model, the int8 artifact, the student).
+    """
     files: dict[str, str] = {}
     run_dir = Path(local_log_dir(trainer))
     if trainer.loggers:
@@ -336,13 +337,13 @@ def build_from_config(args: Sequence[str] | dict[str, Any], **kwargs: Any) -> Li
 
 
 def load_yaml(text: str) -> Any:
-    """Read YAML as LightningCLI reads recipes (jsonargparse's loader: YAML 1.2 numbers, so ``1e-4`` is a float).
+    r"""Read YAML as LightningCLI reads recipes (jsonargparse's loader: YAML 1.2 numbers, so ``1e-4`` is a float).
 
     Every part of a recipe goes through this one reader: the LightningCLI keys, the ``search:`` section and
     ``--key=value`` overrides.
 
     Examples:
-        >>> load_yaml("lr: 1e-4\\nsizes: [4, 8]")
+        >>> load_yaml("lr: 1e-4\nsizes: [4, 8]")
         {'lr': 0.0001, 'sizes': [4, 8]}
     """
     return get_loader("yaml")(text)

@@ -7,10 +7,10 @@ present on every machine. A user's own folder works the same way (``root`` and `
 Files are split into train/val/test *by file* with a seed, each split is tokenised and concatenated, and cut into
 fixed windows of ``context + 1`` tokens: a batch is ``(input_ids, targets)``, both ``(batch, context)`` int64, the
 targets shifted by one token. The training order comes from a generator seeded by ``(seed, epoch)`` and resumes
-exactly, also in the middle of an epoch (:class:`~lightning_opt.data.EpochSampler`,
-:class:`~lightning_opt.data.ResumableDataLoader`).
+exactly, also in the middle of an epoch (`EpochSampler`,
+`ResumableDataLoader`).
 
-Example:
+Examples:
     >>> dm = TextDataModule(context=32, batch_size=4, max_files=12)
     >>> dm.setup()
     >>> x, y = next(iter(dm.train_dataloader()))
@@ -59,7 +59,7 @@ def default_corpus() -> Path:
 
 
 class Tokenizer(Protocol):
-    """What the datamodule and :class:`~lightning_opt.lm.LanguageModel` need from a tokenizer."""
+    """What the datamodule and `LanguageModel` need from a tokenizer."""
 
     @property
     def vocab_size(self) -> int: ...
@@ -78,7 +78,7 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary 256, nothing to train or save, every text round-trips.
 
-    Example:
+    Examples:
         >>> tok = ByteTokenizer()
         >>> tok.encode("é!"), tok.decode(tok.encode("é!")), tok.vocab_size
         ([195, 169, 33], 'é!', 256)
@@ -91,7 +91,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`encode` of every text."""
+        """`encode` of every text."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -128,15 +128,15 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class BPETokenizer:
-    """A byte-level BPE tokenizer (Hugging Face ``tokenizers``), trained offline, saved as one ``tokenizer.json``.
+    r"""A byte-level BPE tokenizer (Hugging Face ``tokenizers``), trained offline, saved as one ``tokenizer.json``.
 
     Byte-level: any text encodes (no unknown token) and decodes back to itself.
 
     Args:
         tokenizer: A ``tokenizers.Tokenizer`` with a byte-level pre-tokenizer and decoder.
 
-    Example:
-        >>> tok = BPETokenizer.train(["def f(x):\\n    return x\\n"] * 50, vocab_size=270)
+    Examples:
+        >>> tok = BPETokenizer.train(["def f(x):\n    return x\n"] * 50, vocab_size=270)
         >>> tok.vocab_size, tok.decode(tok.encode("def g(): return 1"))
         (270, 'def g(): return 1')
     """
@@ -172,7 +172,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
-        """Read a ``tokenizer.json`` written by :meth:`save`.
+        """Read a ``tokenizer.json`` written by `save`.
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
@@ -190,7 +190,7 @@ class BPETokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> BPETokenizer:
-        """The tokenizer of a JSON string written by :meth:`to_json` (as checkpoints hold it)."""
+        """The tokenizer of a JSON string written by `to_json` (as checkpoints hold it)."""
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_str(text))
@@ -237,7 +237,7 @@ class BPETokenizer:
 def tokenizer_state(tokenizer: Tokenizer) -> dict[str, str]:
     """A checkpoint-friendly description of a tokenizer: ``{"kind": "byte"}`` or ``{"kind": "bpe", "json": ...}``.
 
-    Example:
+    Examples:
         >>> tokenizer_from_state(tokenizer_state(ByteTokenizer())).vocab_size
         256
     """
@@ -247,14 +247,14 @@ def tokenizer_state(tokenizer: Tokenizer) -> dict[str, str]:
 
 
 def tokenizer_from_state(state: dict[str, str]) -> Tokenizer:
-    """The tokenizer described by :func:`tokenizer_state`."""
+    """The tokenizer described by `tokenizer_state`."""
     return BPETokenizer.from_json(state["json"]) if state.get("kind") == "bpe" else ByteTokenizer()
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:
     """The byte tokenizer (``None``) or the BPE tokenizer saved at ``path``.
 
-    Example:
+    Examples:
         >>> load_tokenizer(None).vocab_size
         256
     """
@@ -270,26 +270,30 @@ class TokenWindows(Dataset):
     Args:
         tokens: A 1-D integer tensor (any integer dtype; stored as given, returned as int64).
         context: Tokens per input.
+        return_index: Also return the window's index, third (keys the distillation teacher's cache).
 
-    Example:
+    Examples:
         >>> windows = TokenWindows(torch.arange(10), context=4)
         >>> len(windows), windows[1]
         (2, (tensor([4, 5, 6, 7]), tensor([5, 6, 7, 8])))
+        >>> TokenWindows(torch.arange(10), context=4, return_index=True)[1][2]
+        1
     """
 
-    def __init__(self, tokens: torch.Tensor, context: int) -> None:
+    def __init__(self, tokens: torch.Tensor, context: int, return_index: bool = False) -> None:
         self.tokens = tokens
         self.context = context
+        self.return_index = return_index
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} out of range for {len(self)} windows")
         start = index * self.context
         chunk = self.tokens[start : start + self.context + 1].long()
-        return chunk[:-1], chunk[1:]
+        return (chunk[:-1], chunk[1:], index) if self.return_index else (chunk[:-1], chunk[1:])
 
 
 _NOT_STDLIB = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -318,7 +322,7 @@ class TextDataModule(InMemoryDataModule):
     Files matching ``glob`` under ``root`` are sorted, shuffled with ``seed``, capped at ``max_files`` and split by
     file: the first ``ceil(val_fraction * n)`` go to validation, the next ``ceil(test_fraction * n)`` to test, the rest
     to training, so no file is in two splits. Each split's files are read, tokenised, concatenated (a newline between
-    files) and cut into windows of ``context + 1`` tokens (:class:`TokenWindows`); ``max_tokens`` caps each split.
+    files) and cut into windows of ``context + 1`` tokens (`TokenWindows`); ``max_tokens`` caps each split.
 
     With ``tokenizer="bpe"`` a byte-level BPE of ``vocab_size`` tokens is trained on the *training* split only, or read
     from ``tokenizer_path``; when the datamodule is attached to a trainer it is saved as ``tokenizer.json`` in the
@@ -343,6 +347,8 @@ class TextDataModule(InMemoryDataModule):
         vocab_size: Vocabulary of the BPE to train (``tokenizer="bpe"`` without ``tokenizer_path``).
         tokenizer_path: A ``tokenizer.json`` to load instead of training one (``tokenizer="bpe"``).
         num_workers: DataLoader workers.
+        return_index: Batches are ``(input_ids, targets, window index)``: what
+            ``DistillationModule(cache_teacher_outputs=True)`` keys its cache of the teacher's outputs by.
 
     Raises:
         ValueError: If an argument is out of range (checked here), or at ``setup``: a split without any file or too
@@ -350,7 +356,7 @@ class TextDataModule(InMemoryDataModule):
         FileNotFoundError: If ``root`` is not a folder or no file under it matches ``glob`` (here), or
             ``tokenizer_path`` does not exist (at ``setup``).
 
-    Example:
+    Examples:
         >>> dm = TextDataModule(context=16, batch_size=2, max_files=6, tokenizer="bpe", vocab_size=300)
         >>> dm.setup()
         >>> dm.vocab_size, sorted(dm.files), dm.bytes_per_token["val"] > 1
@@ -373,9 +379,10 @@ class TextDataModule(InMemoryDataModule):
         vocab_size: int = 4096,
         tokenizer_path: str | None = None,
         num_workers: int = 0,
+        return_index: bool = False,
     ) -> None:
         _check_int("batch_size", batch_size, 1)
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, return_index=return_index)
         _check_int("context", context, 1)
         _check_int("max_files", max_files, 3, allow_none=True, hint="each of train, val and test needs a file.")
         _check_int("max_tokens", max_tokens, 2, allow_none=True, hint="a window needs context + 1 tokens.")
@@ -507,7 +514,7 @@ class TextDataModule(InMemoryDataModule):
         splits: dict[str, Dataset] = {}
         for name in SPLITS:
             tokens = self._tokenize(texts[name], dtype)
-            windows = TokenWindows(tokens, self.context)
+            windows = TokenWindows(tokens, self.context, self.return_index)
             if len(windows) == 0:
                 raise ValueError(
                     f"The {name} split is too short for one window: {len(tokens)} tokens from {len(self.files[name])} "

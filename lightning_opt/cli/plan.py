@@ -1,9 +1,9 @@
-"""``lightning-opt plan``: a recipe's timeline and conflicts; with ``--ckpt_path`` a sensitivity scan; with
+r"""``lightning-opt plan``: a recipe's timeline and conflicts; with ``--ckpt_path`` a sensitivity scan; with
 ``--max_drop`` / ``--target`` a per-layer plan written as a ready recipe ``plan.yaml``.
 
 Examples:
     lightning-opt plan --config recipes/plan/mnist_compact.yaml
-    lightning-opt plan --config recipes/plan/mnist_compact.yaml --ckpt_path runs/.../last.ckpt --max_drop 1 \\
+    lightning-opt plan --config recipes/plan/mnist_compact.yaml --ckpt_path runs/.../last.ckpt --max_drop 1 \
         --target sparsity=0.95 --output_dir runs/plan/mnist
 """
 
@@ -558,7 +558,8 @@ def _plan(
 
 def _capped(curves: dict[str, Any], cost: dict[str, float], scan: SensitivityScan, max_drop: float) -> Any:
     """The smallest kept resource whose loss-optimal allocation predicts at most ``max_drop`` accuracy points
-    (bisection on the budget; the predicted accuracy drop grows as the budget shrinks)."""
+    (bisection on the budget; the predicted accuracy drop grows as the budget shrinks).
+    """
     total = sum(cost.values())
     lo, hi = 0.0, total  # hi always feasible (dense)
     best = allocate(curves, cost, budget=total)

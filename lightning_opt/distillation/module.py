@@ -31,6 +31,7 @@ from lightning_opt.distillation.losses import (
     kd_loss,
     token_kd_loss,
     token_logits,
+    topk_kd_loss,
 )
 from lightning_opt.lm import IGNORE_INDEX, TOKENIZER_KEY
 from lightning_opt.module import labeled_cross_entropy
@@ -120,6 +121,12 @@ class DistillationModule(LightningModule):
         kd_loss: Direction of the soft loss: ``"forward_kl"`` = ``KL(teacher_T || student_T)`` (Hinton, the
             default) or ``"reverse_kl"`` = ``KL(student_T || teacher_T)`` (mode-seeking, as in MiniLLM); both
             ``T^2``-scaled, per token for next-token logits.
+        teacher_top_k: Keep only the teacher's ``k`` largest logits per row (per token for a language model): the
+            soft loss is `topk_kd_loss`, both distributions renormalised
+            over those ``k`` tokens (exactly the full loss when ``k`` is the vocabulary). With
+            ``cache_teacher_outputs`` the cache holds only those values and their ids: ``k`` values plus ``k`` ids
+            (int16 below 32,768 tokens, else int32) per token instead of the whole vocabulary, so its memory is
+            bounded by ``k`` (`teacher_cache_bytes`). ``None`` (default): the full logits.
 
     **Language models.** For ``(B, L, V)`` logits with ``(B, L)`` targets the soft and hard losses are means over
     the real tokens: targets equal to -100 (padding, `lightning_opt.lm.IGNORE_INDEX`) count in neither, whatever
@@ -127,14 +134,16 @@ class DistillationModule(LightningModule):
     last dimension is compared on the probe (at construction when the student has an ``example_input_array``, else
     at ``setup``), and the tokenizer fingerprint recorded in ``teacher_checkpoint`` (by
     `LanguageModel`) is compared with the datamodule's tokenizer at ``setup``, both before
-    the first step.
+    the first step. For a fixed corpus (``TextDataModule(return_index=True)``) ``cache_teacher_outputs=True`` with
+    ``teacher_top_k`` keeps the teacher's top-k logits per token after the first epoch, in bounded memory.
 
     Raises:
         ValueError: If ``alpha`` is outside [0, 1], ``temperature <= 0`` (also for a schedule's values),
             ``feature_weight < 0``, a ``feature_layers`` name does not exist (the message lists the valid names),
             the teacher's and student's outputs differ in shape (their vocabularies, for next-token logits), the
-            teacher checkpoint's tokenizer differs from the datamodule's, ``kd_loss`` is unknown, or the teacher
-            arguments are missing, ambiguous or its checkpoint incompatible.
+            teacher checkpoint's tokenizer differs from the datamodule's, ``kd_loss`` is unknown, ``teacher_top_k``
+            is not an integer >= 1 or exceeds the number of classes (the vocabulary), or the teacher arguments are
+            missing, ambiguous or its checkpoint incompatible.
         FileNotFoundError: If ``teacher_checkpoint`` does not exist.
 
     Examples:
@@ -164,6 +173,7 @@ class DistillationModule(LightningModule):
         cache_teacher_outputs: bool = False,
         log_teacher_metrics: bool = True,
         kd_loss: KDDivergence = "forward_kl",
+        teacher_top_k: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(student, LightningModule):
@@ -181,6 +191,14 @@ class DistillationModule(LightningModule):
         self.alpha = _check_value_or_schedule(alpha, "alpha")
         self.temperature = _check_value_or_schedule(temperature, "temperature")
         self.kd_loss: KDDivergence = check_divergence(kd_loss)
+        if teacher_top_k is not None and (
+            isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, int) or teacher_top_k < 1
+        ):
+            raise ValueError(
+                f"`teacher_top_k` must be an integer >= 1 or None (the full logits), got {teacher_top_k!r}. HINT: "
+                "the teacher's k largest logits per token are kept; k = the vocabulary size is exact."
+            )
+        self.teacher_top_k = teacher_top_k
         if not (isinstance(feature_weight, (int, float)) and math.isfinite(feature_weight) and feature_weight >= 0):
             raise ValueError(f"`feature_weight` must be a finite number >= 0, got {feature_weight!r}.")
         self.feature_weight = float(feature_weight)
@@ -196,7 +214,8 @@ class DistillationModule(LightningModule):
         self.log_teacher_metrics = bool(log_teacher_metrics)
         self.feature_loss: FeatureDistillationLoss | None = None
         self._probed = False
-        self._cache: Tensor | None = None
+        self._cache: Tensor | None = None  # per training sample: the teacher's logits, or its top-k values
+        self._cache_ids: Tensor | None = None  # with teacher_top_k: the token ids of those values
         self._cached: Tensor | None = None
         self._total_steps: float = math.inf
         example = getattr(student, "example_input_array", None)
@@ -239,6 +258,7 @@ class DistillationModule(LightningModule):
         if self._cache is not None:
             self._cache = fn(self._cache)
             self._cached = self._cached.to(self._cache.device) if self._cached is not None else None
+            self._cache_ids = self._cache_ids.to(self._cache.device) if self._cache_ids is not None else None
         return self
 
     @override
@@ -283,6 +303,13 @@ class DistillationModule(LightningModule):
         """Dry forward of both models on the example ``x`` (eval mode, no grad): checks shapes, builds adapters."""
         if self._probed:
             return
+        t_context, first = getattr(self._teacher, "context", None), inputs.flat_tensors(x)[0]
+        if isinstance(t_context, int) and first.dim() == 2 and first.shape[-1] > t_context:  # next-token models
+            raise ValueError(
+                f"the teacher's `context` is {t_context} tokens, shorter than the student's inputs ({first.shape[-1]} "
+                f"tokens: {inputs.describe(x)}). HINT: the teacher must read every window the student trains on: set "
+                f"the data's and the student's `context` <= {t_context}, or use a teacher trained with a longer one."
+            )
         was_training = self.student.training
         self.student.eval()
         try:
@@ -308,6 +335,15 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"teacher and student outputs differ in shape: student {tuple(s_out.shape)}, teacher "
                 f"{tuple(t_out.shape)}. HINT: both must predict the same classes (check `num_classes`)."
+            )
+        if self.teacher_top_k is not None and t_out.dim() not in (2, 3):
+            raise ValueError(
+                f"`teacher_top_k` needs (N, C) or (B, L, V) logits, got {tuple(t_out.shape)}. HINT: set it to None."
+            )
+        if self.teacher_top_k is not None and self.teacher_top_k > t_out.shape[-1]:
+            raise ValueError(
+                f"`teacher_top_k`={self.teacher_top_k} exceeds the teacher's {t_out.shape[-1]} classes (vocabulary). "
+                f"HINT: use at most {t_out.shape[-1]} (that many is exact), or None for the full logits."
             )
         if self.feature_layers:
             shapes = {}
@@ -418,29 +454,47 @@ class DistillationModule(LightningModule):
     def configure_callbacks(self) -> Any:
         return self.student.configure_callbacks()
 
-    def _teacher_logits_cached(self, x: Any, idx: Tensor | None) -> Tensor:
+    @property
+    def teacher_cache_bytes(self) -> int:
+        """Bytes held by the teacher-output cache (``cache_teacher_outputs``): values, token ids and the hit flags."""
+        return sum(t.numel() * t.element_size() for t in (self._cache, self._cache_ids, self._cached) if t is not None)
+
+    def _top_k(self, logits: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """The teacher's logits, or with ``teacher_top_k`` its ``(values, ids)`` of the k largest along the last dim."""
+        if self.teacher_top_k is None:
+            return logits
+        values, ids = logits.topk(min(self.teacher_top_k, logits.shape[-1]), dim=-1)
+        return values, ids.to(torch.int16 if logits.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32)
+
+    def _teacher_logits_cached(self, x: Any, idx: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
         if not self.cache_teacher_outputs:
-            return self._teacher_forward(x)
+            return self._top_k(self._teacher_forward(x))
         if idx is None:
             raise ValueError(
                 "`cache_teacher_outputs`=True needs batches (x, y, index). HINT: set `return_index: true` on the "
-                "datamodule (DigitsDataModule, MNIST5kDataModule, ...) or yield the sample index third."
+                "datamodule (DigitsDataModule, MNIST5kDataModule, TextDataModule, ...) or yield the sample index third."
             )
         idx = idx.to(inputs.flat_tensors(x)[0].device).long()
         needed = int(idx.max()) + 1
         if self._cache is not None and self._cached is not None and needed <= self._cache.shape[0]:
             hit = self._cached[idx]
             if bool(hit.all()):
-                return self._cache[idx]
-        out = self._teacher_forward(x)
+                return self._cache[idx] if self._cache_ids is None else (self._cache[idx], self._cache_ids[idx])
+        out = self._top_k(self._teacher_forward(x))
+        values, ids = out if isinstance(out, tuple) else (out, None)
         if self._cache is None or self._cached is None:
-            self._cache = out.new_zeros((needed, *out.shape[1:]))
-            self._cached = torch.zeros(needed, dtype=torch.bool, device=out.device)
+            self._cache = values.new_zeros((needed, *values.shape[1:]))
+            self._cache_ids = None if ids is None else ids.new_zeros((needed, *ids.shape[1:]))
+            self._cached = torch.zeros(needed, dtype=torch.bool, device=values.device)
         elif needed > self._cache.shape[0]:
             grow = needed - self._cache.shape[0]
-            self._cache = torch.cat([self._cache, out.new_zeros((grow, *out.shape[1:]))])
-            self._cached = torch.cat([self._cached, torch.zeros(grow, dtype=torch.bool, device=out.device)])
-        self._cache[idx] = out.detach()
+            self._cache = torch.cat([self._cache, values.new_zeros((grow, *values.shape[1:]))])
+            if ids is not None and self._cache_ids is not None:
+                self._cache_ids = torch.cat([self._cache_ids, ids.new_zeros((grow, *ids.shape[1:]))])
+            self._cached = torch.cat([self._cached, torch.zeros(grow, dtype=torch.bool, device=values.device)])
+        self._cache[idx] = values.detach()
+        if ids is not None and self._cache_ids is not None:
+            self._cache_ids[idx] = ids
         self._cached[idx] = True
         return out
 
@@ -456,14 +510,17 @@ class DistillationModule(LightningModule):
         use_cache = self.cache_teacher_outputs and not self.feature_layers
         with self._capture() as (s_feats, t_feats):
             s_logits = inputs.call(self.student, x)
-            t_logits = self._teacher_logits_cached(x, idx) if use_cache else self._teacher_forward(x)
-        if s_logits.shape != t_logits.shape:
+            t_out = self._teacher_logits_cached(x, idx) if use_cache else self._top_k(self._teacher_forward(x))
+        # with teacher_top_k: the teacher's k largest logits and their ids, (..., k) each
+        t_logits, t_ids = t_out if isinstance(t_out, tuple) else (t_out, None)
+        if s_logits.shape[:-1] != t_logits.shape[:-1] or (t_ids is None and s_logits.shape != t_logits.shape):
             raise ValueError(
                 f"teacher and student outputs differ in shape: student {tuple(s_logits.shape)}, teacher "
                 f"{tuple(t_logits.shape)}. HINT: both must predict the same classes."
             )
         s_logits, flat_y = token_logits(s_logits, y)  # next-token logits (B, L, V): one row per token
         t_logits, _ = token_logits(t_logits)
+        t_ids = None if t_ids is None else t_ids.reshape(t_logits.shape)
         y = flat_y if flat_y is not None else y
         # Padding (-100) counts in neither loss; -1 (the unlabelled transfer set) gets the soft loss only.
         real = y != IGNORE_INDEX if y.shape == s_logits.shape[:1] else None
@@ -472,7 +529,9 @@ class DistillationModule(LightningModule):
         else:
             real = None
         hard = labeled_cross_entropy(s_logits, y)  # labelled samples only (-1: the unlabelled transfer set)
-        if self.kd_loss == "forward_kl" and real is None:
+        if t_ids is not None:  # renormalised over the teacher's top k
+            soft = topk_kd_loss(s_logits, t_logits, t_ids, temperature, self.kd_loss, mask=real)
+        elif self.kd_loss == "forward_kl" and real is None:
             soft = kd_loss(s_logits, t_logits, temperature)  # every sample
         else:
             soft = token_kd_loss(s_logits, t_logits, temperature, self.kd_loss, mask=real)
@@ -486,13 +545,13 @@ class DistillationModule(LightningModule):
         with torch.no_grad():
             labeled = y != UNLABELED
             n_labeled = int(labeled.sum())
+            t_top1 = t_logits.argmax(1) if t_ids is None else t_ids[:, 0].long()  # top-k values come sorted
             if n_labeled:  # accuracies over the labelled samples only, weighted by their number in the epoch mean
                 self.log("train/acc", (s_logits[labeled].argmax(1) == y[labeled]).float().mean(), batch_size=n_labeled)
-                t_acc = (t_logits[labeled].argmax(1) == y[labeled]).float().mean()
+                t_acc = (t_top1[labeled] == y[labeled]).float().mean()
                 self.log("train/teacher_acc", t_acc, batch_size=n_labeled)
-            log["train/agreement"] = (
-                agreement(s_logits, t_logits) if real is None else agreement(s_logits[real], t_logits[real])
-            )
+            same = s_logits.argmax(1) == t_top1  # top-1 agreement
+            log["train/agreement"] = (same if real is None else same[real]).float().mean()
         if isinstance(self.alpha, Schedule):
             log["train/alpha"] = torch.tensor(alpha)
         if isinstance(self.temperature, Schedule):

@@ -120,7 +120,8 @@ class Evaluator:
 
     def destroyed(self, share: float = 0.05) -> float | None:
         """For accuracy: the value ``share`` of the way from chance (``100 / classes``) to the baseline, below which a
-        layer counts as destroyed (see ``scan_sensitivity(stop_at=...)``); None for other metrics."""
+        layer counts as destroyed (see ``scan_sensitivity(stop_at=...)``); None for other metrics.
+        """
         if self.metric != "accuracy" or self.outputs is None:
             return None
         chance = 100.0 / max(int(self.outputs.shape[-1]), 1)
@@ -237,7 +238,8 @@ class SensitivityScan:
 
     def cost_curve(self, layer: str) -> list[tuple[float, float]]:
         """What the allocation minimises for a layer, ``[(sparsity, cost)]`` from ``(0, 0)``: the validation
-        cross-entropy increase when the scan measured it (accuracy), else the metric drop (`curve`)."""
+        cross-entropy increase when the scan measured it (accuracy), else the metric drop (`curve`).
+        """
         if layer in self.prune_loss:
             return [(0.0, 0.0), *self.prune_loss[layer]]
         return self.curve(layer)
@@ -287,7 +289,8 @@ class SensitivityScan:
     def log_tensorboard(self, writer: Any) -> None:
         """One curve per layer: ``plan/sensitivity/<layer>`` (x = sparsity in per mille, y = metric), the int8 metric
         and SQNR per layer (``plan/int8_metric/<layer>``, ``plan/int8_sqnr_db/<layer>``, at step 0), and the
-        CSV as a text table."""
+        CSV as a text table.
+        """
         for layer, points in self.prune.items():
             writer.add_scalar(f"plan/sensitivity/{layer}", self.baseline, 0)
             for s, v in points:

@@ -150,7 +150,8 @@ class Timeline:
 
     def figure(self) -> Any:
         """A matplotlib figure: scheduled values over steps (pruning sparsity, distillation weights), phase and
-        checkpoint markers, with a second axis in epochs."""
+        checkpoint markers, with a second axis in epochs.
+        """
         import matplotlib
 
         matplotlib.use("Agg", force=False)

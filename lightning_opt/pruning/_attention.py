@@ -4,19 +4,19 @@ Torch-Pruning's dependency graph couples channels correctly through most layers,
 plain channel is not a unit that can be removed: a channel of a query projection belongs to a head whose size the
 attention's ``forward`` reshapes by, Hugging Face ``Conv1D`` stores its weight transposed, ``nn.MultiheadAttention``
 projects q/k/v inside one module, and a LayerNorm over the pruned channels normalises a masked channel differently
-from a removed one. :func:`transformer_config` inspects a model once and returns a :class:`TPConfig` that says how to
+from a removed one. `transformer_config` inspects a model once and returns a `TPConfig` that says how to
 build the graph (customized pruners, unwrapped parameters, extra root types), which groups are attention heads
-(:func:`head_slices`; extra head groups Torch-Pruning cannot discover: :func:`extra_groups`), which parameters a
-channel lives in for layers the graph does not describe by itself (:func:`param_slices`), and which layers must stay
-as they are, with the reason (:attr:`TPConfig.ignored`). After the groups are removed, :func:`after_removal` updates
+(`head_slices`; extra head groups Torch-Pruning cannot discover: `extra_groups`), which parameters a
+channel lives in for layers the graph does not describe by itself (`param_slices`), and which layers must stay
+as they are, with the reason (`TPConfig.ignored`). After the groups are removed, `after_removal` updates
 the head counts and sizes the attention ``forward`` methods read.
 
-How :class:`~lightning_opt.pruning._channel.ChannelGroups` uses it:
+How `ChannelGroups` uses it:
 
 1. ``config = transformer_config(model, example_inputs)`` and
    ``dg = tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())`` (the kwargs hold
    the customized pruners, the unwrapped parameters and a ``forward_fn`` that calls the model the
-   :mod:`lightning_opt.inputs` way; ShuffleNet blocks and Hugging Face caches need that ``forward_fn`` to trace).
+   `lightning_opt.inputs` way; ShuffleNet blocks and Hugging Face caches need that ``forward_fn`` to trace).
 2. ``ignored_layers`` += ``config.ignored_modules(model)``, ``root_module_types`` += ``config.root_module_types``;
    groups are ``dg.get_all_groups(...)`` plus ``extra_groups(config, dg)`` (keep an extra group when one of
    ``config.members(group[0].dep.target.module)`` is selected for pruning).
@@ -31,14 +31,14 @@ How :class:`~lightning_opt.pruning._channel.ChannelGroups` uses it:
    ``after_removal(model, config)``.
 6. Checkpoints: merge ``attention_structure(model)`` into the saved layer shapes; after rebuilding the layers, call
    ``restore_attention_structure(model, structure)`` (it turns a head-pruned ``nn.MultiheadAttention`` back into a
-   :class:`PrunedMultiheadAttention`).
+   `PrunedMultiheadAttention`).
 
-What is kept (listed in :attr:`TPConfig.ignored` with the reason): the hidden size of a transformer (set by its
+What is kept (listed in `TPConfig.ignored` with the reason): the hidden size of a transformer (set by its
 embeddings, normalised by its LayerNorms), channels a LayerNorm or GroupNorm normalises over (ConvNeXt stages), the
 input/output channels of ShuffleNet blocks (split, concatenated and shuffled), attention modules of unsupported forms
 (cross-attention GPT-2, q/k norm, kdim/vdim, ``add_bias_kv``).
 
-Example:
+Examples:
     >>> import torch, torch_pruning as tp
     >>> from torch import nn
     >>> class Block(nn.Module):
@@ -61,11 +61,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,7 @@ __all__ = [
     "channel_units",
     "extra_groups",
     "head_slices",
+    "modules_with_eq_hidden",
     "param_slices",
     "restore_attention_structure",
     "transformer_config",
@@ -151,7 +153,7 @@ class GPT2AttentionPruner(BasePruningFunc):
     Torch-Pruning maps a ``split`` only along dim 1, so through ``c_attn(x).split(split_size, dim=2)`` it would couple
     all ``3 * inner`` outputs of ``c_attn`` to ``c_proj``'s ``inner`` inputs. The attention is therefore one opaque
     node: ``prune_out_channels``/``prune_in_channels`` prune the hidden size it reads and writes (``c_attn`` inputs,
-    ``c_proj`` outputs), :meth:`prune_heads` removes inner channels (whole heads) of q, k, v and ``c_proj``'s inputs and
+    ``c_proj`` outputs), `prune_heads` removes inner channels (whole heads) of q, k, v and ``c_proj``'s inputs and
     updates ``num_heads`` and ``split_size``.
     """
 
@@ -211,10 +213,10 @@ class MultiheadAttentionHeadPruner(MultiheadAttentionPruner):
     """Torch-Pruning pruner for ``nn.MultiheadAttention`` that can also remove whole heads.
 
     ``prune_out_channels``/``prune_in_channels`` prune the embedding dimension as Torch-Pruning does (the residual
-    stream; :func:`transformer_config` normally excludes it). :meth:`prune_heads` removes inner (q/k/v) channels
+    stream; `transformer_config` normally excludes it). `prune_heads` removes inner (q/k/v) channels
     ``idxs`` in ``[0, num_heads * head_dim)``, which must form whole heads: rows of the q, k and v blocks of
     ``in_proj_weight``/``in_proj_bias`` and columns of ``out_proj.weight``. The module becomes a
-    :class:`PrunedMultiheadAttention` whose ``forward`` works with an inner size below ``embed_dim``.
+    `PrunedMultiheadAttention` whose ``forward`` works with an inner size below ``embed_dim``.
     """
 
     def prune_heads(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
@@ -258,7 +260,7 @@ class ShuffleBlockPruner(BasePruningFunc):
 
     The block splits its input in two, concatenates and shuffles the channels; Torch-Pruning 1.6 cannot map the
     shuffle's reshapes (``integer division or modulo by zero``) nor ``chunk`` on torch 2.x, so the block is traced as
-    one node whose input and output channels are kept. :meth:`prune_inner` removes hidden channels of ``branch2``
+    one node whose input and output channels are kept. `prune_inner` removes hidden channels of ``branch2``
     (1x1 conv out, BatchNorm, depthwise 3x3 conv, BatchNorm, 1x1 conv in), which never meet the shuffle.
     """
 
@@ -439,7 +441,7 @@ class TPConfig:
             stream they set, groups a LayerNorm normalises over, output layers of attention that cannot be reshaped).
         attention: the attention modules, by name.
         inner: modules traced as one node whose inner channels are groups of their own (``nn.MultiheadAttention``,
-            GPT-2 attention, ShuffleNet blocks), by name: see :func:`extra_groups`.
+            GPT-2 attention, ShuffleNet blocks), by name: see `extra_groups`.
         prune_num_heads: heads are removed whole (always True here; head dims are never pruned, so the attention
             scale ``head_dim ** -0.5`` stays exact).
     """
@@ -456,7 +458,7 @@ class TPConfig:
     def graph_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``tp.DependencyGraph().build_dependency(model, example_inputs, **kwargs)``.
 
-        Includes a ``forward_fn`` that calls the model the way :mod:`lightning_opt.inputs` does (a tuple is
+        Includes a ``forward_fn`` that calls the model the way `lightning_opt.inputs` does (a tuple is
         positional, a dict keyword), so a one-tensor input is never unpacked along its batch dimension.
         """
         opaque = [m for m in self.inner.values() if _is_shuffle_block(m)]
@@ -468,14 +470,14 @@ class TPConfig:
         }
 
     def ignored_modules(self, model: nn.Module) -> list[nn.Module]:
-        """The modules named in :attr:`ignored` (for ``get_all_groups(ignored_layers=...)``)."""
+        """The modules named in `ignored` (for ``get_all_groups(ignored_layers=...)``)."""
         modules = dict(model.named_modules())
         return [modules[n] for n in self.ignored if n in modules]
 
     def members(self, module: nn.Module) -> list[nn.Module]:
-        """The layers whose channels the inner group of ``module`` (a :attr:`inner` module) removes.
+        """The layers whose channels the inner group of ``module`` (a `inner` module) removes.
 
-        For a root filter: keep an :func:`extra_groups` group when one of these layers is selected for pruning.
+        For a root filter: keep an `extra_groups` group when one of these layers is selected for pruning.
         """
         m: Any = module
         spec = self.head_module(module)
@@ -504,7 +506,7 @@ def _forward(model: nn.Module, example: Any, opaque: Sequence[nn.Module] = ()) -
 
     A cache concatenates each key/value onto an empty tensor, a concatenation Torch-Pruning cannot map (it fails with
     ``unsupported operand type(s) for +: 'int' and 'NoneType'``); caches do not change the outputs. Each ``opaque``
-    module runs as one autograd node (:class:`_Opaque`) for this call only, so the trace does not enter it.
+    module runs as one autograd node (`_Opaque`) for this call only, so the trace does not enter it.
     """
     configs: dict[int, Any] = {
         id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")
@@ -595,7 +597,7 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
     """Inspect ``model`` and say how to prune its channels and heads consistently with Torch-Pruning.
 
     Traces the model once (in eval mode; the train/eval flags are restored) to find the groups that cannot be
-    removed with outputs equal to the masked model's, and lists their layers in :attr:`TPConfig.ignored`:
+    removed with outputs equal to the masked model's, and lists their layers in `TPConfig.ignored`:
 
     - the hidden size set by an embedding (``nn.Embedding``, a ``cls_token``/``pos_embed`` parameter): the residual
       stream of a transformer; pruning it would change the tied embeddings and every block;
@@ -610,7 +612,7 @@ def transformer_config(model: nn.Module, example_inputs: Any) -> TPConfig:
     Returns:
         The configuration.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> config = transformer_config(model, torch.zeros(2, 4))
@@ -667,10 +669,44 @@ def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return out
 
 
+@contextlib.contextmanager
+def modules_with_eq_hidden(model: nn.Module) -> Iterator[None]:
+    """Detach, for the duration, every submodule whose class overloads ``==`` (torchmetrics ``Metric``s).
+
+    Torch-Pruning compares modules with ``==`` and ``in`` while it builds its graph (``m == layer_type`` for each
+    customized pruner, ``m not in ignored_layers`` for each layer); a torchmetrics ``Metric`` overloads ``==`` to build
+    a (truthy) compositional metric, so one metric attribute on a LightningModule (``LanguageModel.val_metric``) with
+    one customized pruner (Hugging Face ``Conv1D``, ``nn.MultiheadAttention``) made every layer look ignored: the
+    trace recorded no layer and no channel group could be pruned. The modules come back in their original order.
+
+    Examples:
+        >>> import torchmetrics
+        >>> model = nn.Sequential(nn.Linear(2, 2), torchmetrics.MeanMetric())
+        >>> with modules_with_eq_hidden(model):
+        ...     [type(m).__name__ for m in model.children()]
+        ['Linear']
+        >>> [type(m).__name__ for m in model.children()]
+        ['Linear', 'MeanMetric']
+    """
+    saved: list[tuple[nn.Module, dict[str, nn.Module | None]]] = []
+    for parent in list(model.modules()):
+        children = parent._modules
+        if any(c is not None and type(c).__eq__ is not nn.Module.__eq__ for c in children.values()):
+            saved.append((parent, dict(children)))
+            for name in [n for n, c in children.items() if c is not None and type(c).__eq__ is not nn.Module.__eq__]:
+                del children[name]
+    try:
+        yield
+    finally:
+        for parent, children in saved:
+            parent._modules.clear()
+            parent._modules.update(children)
+
+
 def _build(model: nn.Module, example_inputs: Any, config: TPConfig) -> tp.DependencyGraph:
     modes = {m: m.training for m in model.modules()}
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), modules_with_eq_hidden(model):
             warnings.simplefilter("ignore")
             return tp.DependencyGraph().build_dependency(model, example_inputs, **config.graph_kwargs())
     finally:
@@ -741,10 +777,10 @@ def _inconsistent_groups(model: nn.Module, example_inputs: Any, config: TPConfig
 
 
 def extra_groups(config: TPConfig, dg: tp.DependencyGraph) -> list[tp.Group]:
-    """Groups ``dg.get_all_groups`` cannot find: the inner channels of the modules in :attr:`TPConfig.inner`.
+    """Groups ``dg.get_all_groups`` cannot find: the inner channels of the modules in `TPConfig.inner`.
 
     The heads of each ``nn.MultiheadAttention`` and GPT-2 attention (handler ``prune_heads``, one channel per inner
-    q/k/v channel; :func:`head_slices` numbers their heads) and the hidden channels of ShuffleNet blocks (handler
+    q/k/v channel; `head_slices` numbers their heads) and the hidden channels of ShuffleNet blocks (handler
     ``prune_inner``). Remove with ``dg.get_pruning_group(group[0].dep.target.module, group[0].dep.handler,
     idxs).prune()``, as any other group.
     """
@@ -768,8 +804,8 @@ def head_slices(config: TPConfig, group: tp.Group) -> Tensor | None:
     channels with its number; prune no partial head (the attention ``forward`` reshapes by ``head_dim``).
 
     Args:
-        config: from :func:`transformer_config`.
-        group: a group from ``dg.get_all_groups`` or :func:`extra_groups`.
+        config: from `transformer_config`.
+        group: a group from ``dg.get_all_groups`` or `extra_groups`.
 
     Returns:
         A ``long`` tensor with one entry per root channel, or ``None``.
@@ -802,18 +838,18 @@ def head_slices(config: TPConfig, group: tp.Group) -> Tensor | None:
 def channel_units(config: TPConfig, group: tp.Group) -> Tensor | None:
     """The unit of each root channel of ``group``: channels of one unit must be kept or removed together.
 
-    A unit is an attention head (:func:`head_slices`), or, through a grouped convolution with ``G`` groups (not
+    A unit is an attention head (`head_slices`), or, through a grouped convolution with ``G`` groups (not
     depthwise), the channels at the same position in every group (``c % (C / G)``): removal keeps the convolution's
     groups equal in size only when each group loses the same positions. ``None`` when every channel is a unit.
 
     Args:
-        config: from :func:`transformer_config`.
-        group: a group from ``dg.get_all_groups`` or :func:`extra_groups`.
+        config: from `transformer_config`.
+        group: a group from ``dg.get_all_groups`` or `extra_groups`.
 
     Returns:
         A ``long`` tensor with one unit number (``0..U-1``, in order of first channel) per root channel, or ``None``.
 
-    Example:
+    Examples:
         >>> import torch_pruning as tp
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
         >>> dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, 3, 8, 8))
@@ -878,7 +914,7 @@ def param_slices(
     """Where channels ``idxs`` of a group item live in ``module``'s own parameters, for layers only this module knows.
 
     Args:
-        config: from :func:`transformer_config`.
+        config: from `transformer_config`.
         module: the group item's module.
         handler: the item's pruning function (``dep.handler``).
         idxs: the item's channel indices (``item.idxs``).
@@ -887,7 +923,7 @@ def param_slices(
         ``[(parameter name relative to module, dim, indices)]`` to zero for a masked channel, or ``None`` if the
         module is not one of ``Conv1D`` / ``nn.MultiheadAttention`` (let the caller's own rules decide).
 
-    Example:
+    Examples:
         >>> attn = nn.MultiheadAttention(8, 2)
         >>> pruner = MultiheadAttentionHeadPruner()
         >>> [(n, d, i.tolist()) for n, d, i in param_slices(TPConfig(), attn, pruner.prune_heads, [1])]
@@ -939,7 +975,7 @@ def after_removal(model: nn.Module, config: TPConfig) -> None:
 
     Args:
         model: the model whose groups were removed (``config`` must come from this model).
-        config: from :func:`transformer_config`.
+        config: from `transformer_config`.
 
     Raises:
         RuntimeError: if a projection's size is not a whole number of heads (a partial head was removed).
@@ -984,11 +1020,11 @@ _HEAD_ATTRS = {
 def attention_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Head counts and sizes of every attention module and the shape of every ``Conv1D`` (plain ints and int lists).
 
-    Store it beside the state dict of a model whose heads were removed; :func:`restore_attention_structure` rebuilds
+    Store it beside the state dict of a model whose heads were removed; `restore_attention_structure` rebuilds
     the thin attention on a freshly built model. The format (``{module name: {attribute: value}}``) is the one of
-    :func:`~lightning_opt.pruning._channel.pruned_structure`, so the two can be merged.
+    `pruned_structure`, so the two can be merged.
 
-    Example:
+    Examples:
         >>> attn = nn.MultiheadAttention(8, 2)
         >>> _ = MultiheadAttentionHeadPruner().prune_heads(attn, [4, 5, 6, 7])
         >>> attention_structure(nn.Sequential(attn))
@@ -1014,21 +1050,21 @@ def attention_structure(model: nn.Module) -> dict[str, dict[str, Any]]:
 def restore_attention_structure(
     model: nn.Module, structure: dict[str, dict[str, Any]], state_dict: dict[str, Tensor] | None = None
 ) -> None:
-    """Set the head counts and sizes saved by :func:`attention_structure` on a freshly built model.
+    """Set the head counts and sizes saved by `attention_structure` on a freshly built model.
 
-    A ``nn.MultiheadAttention`` saved with ``kept_heads`` becomes a :class:`PrunedMultiheadAttention`. With
+    A ``nn.MultiheadAttention`` saved with ``kept_heads`` becomes a `PrunedMultiheadAttention`. With
     ``state_dict``, the parameters of the listed modules are also resized to the saved shapes, so that
     ``model.load_state_dict(state_dict)`` works.
 
     Args:
         model: a new instance built with the original constructor arguments.
-        structure: from :func:`attention_structure` (other entries are ignored).
+        structure: from `attention_structure` (other entries are ignored).
         state_dict: the saved state dict (optional).
 
     Raises:
         ValueError: if ``structure`` names a module ``model`` does not have.
 
-    Example:
+    Examples:
         >>> attn = nn.MultiheadAttention(8, 2)
         >>> _ = MultiheadAttentionHeadPruner().prune_heads(attn, [0, 1, 2, 3])
         >>> saved, state = attention_structure(nn.Sequential(attn)), nn.Sequential(attn).state_dict()

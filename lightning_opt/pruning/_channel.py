@@ -22,6 +22,7 @@ from lightning_opt.pruning._attention import (
     channel_units,
     extra_groups,
     head_slices,
+    modules_with_eq_hidden,
     param_slices,
     restore_attention_structure,
     transformer_config,
@@ -160,7 +161,7 @@ class ChannelGroups:
                     warnings.simplefilter("ignore")
                     self.config = transformer_config(model, example_inputs)
                 kwargs = self.config.graph_kwargs()
-            with torch.enable_grad(), warnings.catch_warnings():
+            with torch.enable_grad(), warnings.catch_warnings(), modules_with_eq_hidden(model):
                 warnings.simplefilter("ignore")  # Torch-Pruning's note on unwrapped parameters
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, **kwargs)
         except Exception as err:
@@ -381,7 +382,8 @@ def output_error(reference: Any, output: Any) -> tuple[float, float]:
 
 def rehearsal_keeps(groups: ChannelGroups, fraction: float = 0.25) -> dict[str, Tensor]:
     """Keep vectors that drop a seeded random ``fraction`` of the units (channels, heads) of every group (at least
-    one, never all): an irregular pattern, as the ones training chooses."""
+    one, never all): an irregular pattern, as the ones training chooses.
+    """
     generator = torch.Generator().manual_seed(0)
     keeps = {}
     for name in groups.groups:

@@ -190,7 +190,7 @@ class LinearStage:
             self.layers = _linear.quantize(int8, self.scheme, self.skip)
         example = self._example(trainer, pl_module)
         file = self.artifact_path or os.path.join(local_log_dir(trainer), f"{self.stage_name}.pt2")
-        figures: dict[str, Any] = {"scheme": self.scheme, "layers": len(self.layers)}
+        figures: dict[str, Any] = {"scheme": self.scheme, "layers": len(self.layers), "compiled": self.compile}
         figures.update(
             write_and_measure(
                 pl_module,

@@ -64,7 +64,7 @@ def export_onnx(model: nn.Module, example: Any, path: str | os.PathLike[str]) ->
 
 
 def _feed(example: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """onnxruntime inputs of an example: its tensors by input name, floats as float32, integers as they are."""
+    """Onnxruntime inputs of an example: its tensors by input name, floats as float32, integers as they are."""
     feed = {}
     for name, t in zip(inputs.input_names(example), inputs.flat_tensors(example)):
         if name in names:

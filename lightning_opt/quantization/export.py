@@ -1,4 +1,4 @@
-"""Checkpoint + recipe -> a deployable artifact (int8 ``.pt2`` or ONNX), measured (``lightning-opt export``).
+r"""Checkpoint + recipe -> a deployable artifact (int8 ``.pt2`` or ONNX), measured (``lightning-opt export``).
 
 The recipe rebuilds the model and data exactly as training did; the checkpoint's weights are loaded (a QAT
 checkpoint gets its fake-quant structure rebuilt first). Then:
@@ -17,7 +17,7 @@ The artifact is loaded back from disk, evaluated on the test set and timed besid
 
 Examples:
     ```bash
-    lightning-opt export --config recipes/quantization/qat_digits.yaml --ckpt_path runs/.../last.ckpt \\
+    lightning-opt export --config recipes/quantization/qat_digits.yaml --ckpt_path runs/.../last.ckpt \
         --format pt2 --quantize int8 --output artifacts/digits_int8.pt2
     ```
 """

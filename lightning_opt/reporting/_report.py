@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,9 @@ from typing_extensions import override
 from lightning_opt import inputs
 from lightning_opt._io import atomic_write
 from lightning_opt._utils import find_callback, local_log_dir
-from lightning_opt.measure import measure_model
+from lightning_opt.measure import count_parameters, measure_latency, measure_model, saved_size_bytes
 
-__all__ = ["CompressionReport", "format_report_markdown"]
+__all__ = ["CompressionReport", "format_language_model_markdown", "format_report_markdown", "language_model_figures"]
 
 #: Figures whose baseline / stage ratio the report states (bigger ratio = smaller or faster).
 RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "size_bytes_compressed", "flops", "latency_ms")
@@ -116,9 +119,15 @@ class CompressionReport(Callback):
         num_threads: Torch threads while timing.
         repeats: Timed forward passes; the median and interquartile range are reported.
         enabled: Whether to report at all (search trials turn it off to save time).
+        lm_batches: For a language model (a next-token module such as `LanguageModel`, or a
+            ``DistillationModule`` of one): validation batches of the *language-model section* (perplexity,
+            parameters, bytes, prefill and decode tokens per second of the baseline, the final model and each
+            ``.pt2`` artifact stage, see `language_model_figures`); 0 turns the section off.
+        lm_decode_tokens: Tokens generated (greedy) to time the decode speed in that section.
 
     Raises:
-        ValueError: If ``batch_size``, ``num_threads`` or ``repeats`` is < 1.
+        ValueError: If ``batch_size``, ``num_threads`` or ``repeats`` is < 1, ``lm_batches`` < 0 or
+            ``lm_decode_tokens`` < 1.
 
     Examples:
         >>> report = CompressionReport(monitor="val/acc", batch_size=8)
@@ -136,10 +145,23 @@ class CompressionReport(Callback):
         num_threads: int = 1,
         repeats: int = 30,
         enabled: bool = True,
+        lm_batches: int = 4,
+        lm_decode_tokens: int = 16,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("num_threads", num_threads), ("repeats", repeats)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_threads", num_threads),
+            ("repeats", repeats),
+            ("lm_decode_tokens", lm_decode_tokens),
+        ):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if lm_batches < 0:
+            raise ValueError(f"`lm_batches` must be >= 0 (0: no language-model section), got {lm_batches}.")
+        self.lm_batches = lm_batches
+        self.lm_decode_tokens = lm_decode_tokens
+        #: The language-model section: ``{stage: {lm_ppl, params, size_bytes, prefill/decode_tokens_per_s}}``.
+        self.language_model: dict[str, dict[str, Any]] = {}
         self.monitor = monitor
         self.test_metric = test_metric
         self.latency = latency
@@ -221,6 +243,7 @@ class CompressionReport(Callback):
         self.stages.pop("final", None)
         if "baseline" not in self.stages:  # a resumed run keeps the baseline of the run it resumes
             self.add_stage("baseline", self.measure(pl_module, self.example(trainer, pl_module)))
+            self._language_model_stage(trainer, pl_module, "baseline", pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -229,7 +252,39 @@ class CompressionReport(Callback):
         figures = self.measure(pl_module, self.example(trainer, pl_module))
         figures[self.monitor] = self._metric(trainer, self.monitor)
         self.add_stage("final", figures)
+        self._language_model_stage(trainer, pl_module, "final", pl_module)
+        for name, figures_of in self.stages.items():  # int8 artifacts written by the quantization callbacks
+            artifact = figures_of.get("artifact")
+            if name not in self.language_model and isinstance(artifact, str) and artifact.endswith(".pt2"):
+                self._language_model_stage(trainer, pl_module, name, artifact)
         self.write(trainer)
+
+    # ---------------------------------------------------------------- language-model section
+    def _language_model_stage(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, model: torch.nn.Module | str
+    ) -> None:
+        """Add ``stage`` to the language-model section when ``pl_module`` is a next-token model (else nothing)."""
+        core = getattr(pl_module, "student", pl_module)  # a DistillationModule measures its student
+        datamodule = getattr(trainer, "datamodule", None)
+        if not self.lm_batches or datamodule is None or not isinstance(getattr(core, "context", None), int):
+            return
+        try:
+            batches = []
+            for batch in datamodule.val_dataloader():
+                batches.append((batch[0], batch[1]))
+                if len(batches) >= self.lm_batches:
+                    break
+            compiled = False
+            if isinstance(model, str):
+                from lightning_opt.quantization import linear
+
+                model = linear.load_artifact(model)
+                compiled = bool(self.stages.get(stage, {}).get("compiled"))  # timed as its callback timed it
+            self.language_model[stage] = language_model_figures(
+                model, batches, self.lm_decode_tokens, self.batch_size, self.num_threads, repeats=3, compile=compiled
+            )
+        except Exception as err:  # the section is an addition: never fail a finished run over it
+            warnings.warn(f"CompressionReport: no language-model figures for stage {stage!r}: {err}", stacklevel=2)
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,6 +314,7 @@ class CompressionReport(Callback):
             "latency": {"batch_size": self.batch_size, "num_threads": self.num_threads, "repeats": self.repeats},
             "stages": self.stages,
             "ratios": self.ratios(),
+            **({"language_model": self.language_model} if self.language_model else {}),
         }
 
     @rank_zero_only
@@ -279,6 +335,8 @@ class CompressionReport(Callback):
         assert self.output_dir is not None, "`write` needs a trainer or an output_dir"
         stages = _relative_paths(self.stages, self.output_dir)
         table = format_report_markdown(stages)
+        if self.language_model:
+            table += "\n\n## Language model\n\n" + format_language_model_markdown(self.language_model)
         files = {"json": self.output_dir / f"{name}.json", "markdown": self.output_dir / f"{name}.md"}
         with atomic_write(files["json"]) as fh:
             fh.write(json.dumps({**self.to_dict(), "stages": stages}, indent=2))
@@ -293,6 +351,14 @@ class CompressionReport(Callback):
                 for key, value in figures.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)
             }
+            scalars.update(
+                {
+                    f"report/lm/{stage}/{key}": float(value)
+                    for stage, figures in self.language_model.items()
+                    for key, value in figures.items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                }
+            )
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if experiment is not None and hasattr(experiment, "add_text"):
@@ -300,3 +366,149 @@ class CompressionReport(Callback):
                 logger.log_metrics(scalars, step=step)
                 logger.save()
         return files
+
+
+# ------------------------------------------------------------------------------------------------ language models
+_LM_LABELS = {
+    "lm_ppl": "perplexity (validation batches)",
+    "params": "parameters",
+    "size_bytes": "saved weights (bytes)",
+    "prefill_tokens_per_s": "prefill tokens/s",
+    "decode_tokens_per_s": "decode tokens/s",
+}
+
+
+def language_model_figures(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    decode_tokens: int = 16,
+    batch_size: int = 1,
+    num_threads: int = 1,
+    repeats: int = 3,
+    compile: bool = False,
+) -> dict[str, float]:
+    """Perplexity, parameters, bytes and tokens per second (prefill and decode) of a next-token model.
+
+    ``model`` maps ``(batch, tokens)`` int64 ids to ``(batch, tokens, vocab)`` logits: an ``nn.Module`` or an exported
+    artifact (``lightning_opt.quantization.linear.load_artifact``). Measured in eval mode, on the CPU, with
+    ``num_threads`` threads:
+
+    - ``lm_ppl``: ``exp`` of the mean next-token cross-entropy over the targets of ``batches`` (-100 ignored);
+    - ``params`` and ``size_bytes`` (``torch.save`` of the ``state_dict``), for a module;
+    - ``prefill_tokens_per_s``: ``batch_size`` windows of the first batch's length in one forward pass (median of
+      ``repeats``);
+    - ``decode_tokens_per_s``: ``decode_tokens`` greedy tokens for each of ``batch_size`` rows, one forward pass per
+      token over a sliding window of that same length (the model sees the last ``tokens`` ids; there is no key/value
+      cache, so a decode step costs one window's forward pass, and a model exported for that window length runs it).
+
+    Args:
+        model: The model or artifact.
+        batches: ``(input_ids, targets)`` pairs, e.g. the first validation batches.
+        decode_tokens: Tokens generated per timed decode.
+        batch_size: Rows of the timed prefill and decode (the first batch's first row, tiled).
+        num_threads: Torch threads while measuring.
+        repeats: Timed runs of each speed figure.
+        compile: Time ``torch.compile(model)`` (inductor, weights frozen: the deployed form of an int8 artifact);
+            perplexity is computed on the model itself.
+
+    Raises:
+        ValueError: If ``batches`` is empty or ``decode_tokens``, ``batch_size`` or ``repeats`` is < 1.
+
+    Examples:
+        >>> from lightning_opt.lm import LanguageModel
+        >>> model = LanguageModel(vocab_size=256, context=8, layers=1, width=8, heads=2, sample_tokens=0)
+        >>> ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+        >>> figures = language_model_figures(model, [(ids, ids)], decode_tokens=2, repeats=1)
+        >>> sorted(figures), 200 < figures["lm_ppl"] < 320
+        (['decode_tokens_per_s', 'lm_ppl', 'params', 'prefill_tokens_per_s', 'size_bytes'], True)
+    """
+    if not batches:
+        raise ValueError("`batches` must hold at least one (input_ids, targets) pair, got none.")
+    for name, value in (("decode_tokens", decode_tokens), ("batch_size", batch_size), ("repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    module = model if isinstance(model, torch.nn.Module) else None
+    training = module.training if module is not None else False
+    _set_training(module, False)
+    try:
+        with torch.no_grad():
+            nats, count = 0.0, 0
+            for ids, targets in batches:
+                logits = model(ids.cpu()).float()
+                flat = targets.cpu().reshape(-1)
+                nats += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-100, reduction="sum"
+                    )
+                )
+                count += int((flat != -100).sum())
+            window = inputs.repeat_to(batches[0][0][:1].cpu(), batch_size)
+            length = int(window.shape[1])
+            run: Callable[[torch.Tensor], torch.Tensor] = model
+            if compile:
+                import torch._inductor.config as inductor_config
+
+                compiled = torch.compile(model, dynamic=False)
+
+                def run(x: torch.Tensor) -> torch.Tensor:
+                    with inductor_config.patch(freezing=True):
+                        return compiled(x)
+
+            def decode(x: torch.Tensor) -> torch.Tensor:
+                for _ in range(decode_tokens):
+                    token = run(x)[:, -1].argmax(-1, keepdim=True)
+                    x = torch.cat([x[:, 1:], token], dim=1)
+                return x
+
+            prefill = measure_latency(run, window, warmup=2, repeats=repeats, num_threads=num_threads)
+            decoding = measure_latency(decode, window, warmup=1, repeats=repeats, num_threads=num_threads)
+    finally:
+        _set_training(module, training)
+    figures: dict[str, float] = {"lm_ppl": math.exp(nats / max(count, 1))}
+    if module is not None:
+        figures["params"] = count_parameters(module)
+        figures["size_bytes"] = saved_size_bytes(module)
+    figures["prefill_tokens_per_s"] = batch_size * length / (prefill.median_ms / 1000)
+    figures["decode_tokens_per_s"] = batch_size * decode_tokens / (decoding.median_ms / 1000)
+    return figures
+
+
+def _set_training(module: torch.nn.Module | None, mode: bool) -> None:
+    """``module.train(mode)``; an exported program's module refuses it and has its mode fixed already."""
+    if module is None:
+        return
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        module.train(mode)
+
+
+def format_language_model_markdown(stages: dict[str, dict[str, Any]], baseline: str = "baseline") -> str:
+    """The language-model section: one row per figure, one column per stage, then each stage against the baseline.
+
+    The ratio columns are ``stage / baseline`` for tokens per second (2.00x: twice as fast) and ``baseline / stage``
+    for parameters and bytes (2.00x: half the size), as in the main table; perplexity gets its relative change.
+
+    Examples:
+        >>> print(format_language_model_markdown({"baseline": {"lm_ppl": 4.0}, "int8": {"lm_ppl": 4.02}}))
+        | figure | baseline | int8 | int8 vs baseline |
+        |---|---|---|---|
+        | perplexity (validation batches) | 4 | 4.02 | +0.50% |
+    """
+    names = list(stages)
+    others = [n for n in names if n != baseline] if baseline in stages else []
+    keys = [k for k in _LM_LABELS if any(k in figures for figures in stages.values())]
+    header = ["figure", *names, *(f"{n} vs {baseline}" for n in others)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        row = [_LM_LABELS[key], *(_fmt(stages[n].get(key)) for n in names)]
+        for n in others:
+            a, b = stages[baseline].get(key), stages[n].get(key)
+            if not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and b):
+                row.append("")
+            elif key == "lm_ppl":
+                row.append(f"{(b - a) / a:+.2%}")
+            elif key.endswith("_per_s"):
+                row.append(f"{b / a:.2f}x")
+            else:
+                row.append(f"{a / b:.2f}x")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -168,7 +168,8 @@ class _PerTrialSeedSampler(optuna.samplers.BaseSampler):
 def _sqlite_connect(path: str) -> Any:
     """A SQLite connection in WAL mode with ``synchronous=NORMAL``: safe when a worker dies (the heartbeat case),
     and a write costs about a millisecond instead of an fsync (tens of ms on a busy disk), which trial bookkeeping
-    would otherwise pay a dozen times per trial."""
+    would otherwise pay a dozen times per trial.
+    """
     import sqlite3
 
     conn = sqlite3.connect(path, timeout=60, check_same_thread=False)

@@ -174,3 +174,83 @@ def test_topk_teacher_renormalises_over_the_kept_tokens(kind: str) -> None:
     torch.testing.assert_close(topk_kd_loss(s, values, indices, 2.0, kind), reference)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`teacher_values` and `teacher_indices` must both be \(N, k\), got \(6, 3\)"):
         topk_kd_loss(s, values, indices[:, :2], 2.0)
+
+
+# ------------------------------------------------------------------------------------------------ top-k teacher cache
+def _cached_run(
+    tmp_path: Path, teacher: LanguageModel, cache: bool, top_k: int | None, epochs: int = 2
+) -> tuple[DistillationModule, TextDataModule, list[int]]:
+    """Distil for ``epochs`` epochs over 24 windows; returns the module, the data and the teacher calls per epoch."""
+    pl.seed_everything(0)
+    model = DistillationModule(
+        student=LanguageModel(**STUDENT),
+        teacher=teacher,
+        alpha=0.7,
+        temperature=2.0,
+        cache_teacher_outputs=cache,
+        teacher_top_k=top_k,
+        log_teacher_metrics=False,
+    )
+    calls: list[int] = []
+    hook = teacher.register_forward_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+
+    class _PerEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            calls.append(0)
+
+    dm = TextDataModule(
+        root=str(_corpus(tmp_path / "c")), context=16, batch_size=4, max_tokens=16 * 24 + 1, return_index=cache
+    )
+    trainer = _trainer(tmp_path, max_epochs=epochs, limit_val_batches=0, callbacks=[_PerEpoch()])
+    try:
+        trainer.fit(model, datamodule=dm)
+    finally:
+        hook.remove()
+    assert trainer.global_step == 6 * epochs  # 24 windows, batch 4
+    return model, dm, calls
+
+
+def test_topk_cache_with_the_whole_vocabulary_equals_the_uncached_full_logits_run(tmp_path: Path) -> None:
+    teacher = LanguageModel(**TEACHER)
+    full, _, full_calls = _cached_run(tmp_path / "a", teacher, cache=False, top_k=None)
+    cached, _, cached_calls = _cached_run(tmp_path / "b", teacher, cache=True, top_k=256)
+    assert full_calls == [6, 6] and cached_calls == [6, 0]  # the 2nd epoch reads the cache, the teacher never runs
+    for (name, a), b in zip(full.student.state_dict().items(), cached.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)  # equal up to the summation order
+
+
+def test_topk_cache_holds_k_logits_per_token_and_replays_them_exactly(tmp_path: Path) -> None:
+    teacher = LanguageModel(**TEACHER)
+    fresh, _, fresh_calls = _cached_run(tmp_path / "a", teacher, cache=False, top_k=8)
+    cached, dm, cached_calls = _cached_run(tmp_path / "b", teacher, cache=True, top_k=8)
+    assert fresh_calls == [6, 6] and cached_calls == [6, 0]
+    for a, b in zip(fresh.student.state_dict().values(), cached.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # epoch 2 from the cache = epoch 2 with the teacher recomputed
+    assert cached._cache is not None and cached._cache_ids is not None
+    assert tuple(cached._cache.shape) == (24, 16, 8) and cached._cache_ids.dtype == torch.int16
+    # bounded by k: 8 fp32 values + 8 int16 ids per token (+ one flag per window), not the 256-token vocabulary
+    assert cached.teacher_cache_bytes == 24 * 16 * 8 * (4 + 2) + 24
+    # the cached entries are the teacher's top 8 of those windows
+    x, _, idx = dm._splits["train"][3]
+    values, ids = teacher(x[None])[0].topk(8)
+    torch.testing.assert_close(cached._cache[idx], values)
+    assert torch.equal(cached._cache_ids[idx].long(), ids)
+    # the uncapped cache of the same run would hold the whole vocabulary: 256 fp32 logits per token
+    assert cached.teacher_cache_bytes < 24 * 16 * 256 * 4 / 20
+
+
+def test_teacher_top_k_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"`teacher_top_k` must be an integer >= 1 or None .* got 0"):
+        DistillationModule(student=LanguageModel(**STUDENT), teacher=LanguageModel(**TEACHER), teacher_top_k=0)
+    with pytest.raises(ValueError, match=r"`teacher_top_k`=300 exceeds the teacher's 256 classes \(vocabulary\)"):
+        DistillationModule(student=LanguageModel(**STUDENT), teacher=LanguageModel(**TEACHER), teacher_top_k=300)
+
+
+@pytest.mark.parametrize("backbone", ["decoder", "hf"])
+def test_teacher_with_a_shorter_context_is_refused_before_training(backbone: str) -> None:
+    hf = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2} if backbone == "hf" else None
+    teacher = LanguageModel(**{**TEACHER, "context": 8}, hf_config=hf)
+    with pytest.raises(
+        ValueError, match=r"the teacher's `context` is 8 tokens, shorter than the student's inputs \(16"
+    ):
+        DistillationModule(student=LanguageModel(**STUDENT), teacher=teacher)
