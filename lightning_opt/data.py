@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from lightning_opt.targets import UNLABELED
+
 __all__ = [
     "UNLABELED",
     "DigitsDataModule",
@@ -317,7 +319,6 @@ def _stratified_split(
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
-UNLABELED = -1
 """The label of an unlabelled training image (``labeled_size``); the project's losses and metrics ignore it."""
 
 

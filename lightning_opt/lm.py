@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_opt.schedules import check_point, resolve_step
+from lightning_opt.targets import IGNORE_INDEX
 from lightning_opt.text import ByteTokenizer, Tokenizer, tokenizer_from_state, tokenizer_state
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
 TOKENIZER_KEY = "lightning_opt_tokenizer"
 
 #: Target id that counts in no loss or metric (padding), as in ``F.cross_entropy``.
-IGNORE_INDEX = -100
 
 
 def _positive_int(name: str, value: Any, hint: str = "") -> None:

@@ -7,39 +7,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_opt.data import UNLABELED
+from lightning_opt.distillation.losses import labeled_cross_entropy
 from lightning_opt.models import build_backbone
+from lightning_opt.targets import UNLABELED
 
-__all__ = ["ImageClassifier", "labeled_cross_entropy"]
-
-
-def labeled_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the labelled samples only (label -1 marks an unlabelled one).
-
-    Args:
-        logits: ``(N, C)`` raw scores.
-        target: ``(N,)`` class indices, -1 for unlabelled samples.
-
-    Returns:
-        The mean cross-entropy over the samples whose label is not -1; a zero that keeps the graph (so a backward pass
-        gives zero gradients) when the batch holds no labelled sample, where plain ``F.cross_entropy`` returns NaN.
-
-    Examples:
-        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-        >>> ce = F.cross_entropy(logits[:1], torch.tensor([0]))
-        >>> bool(labeled_cross_entropy(logits, torch.tensor([0, -1])) == ce)
-        True
-        >>> labeled_cross_entropy(logits, torch.tensor([-1, -1])).item()
-        0.0
-    """
-    if bool((target != UNLABELED).any()):
-        return F.cross_entropy(logits, target, ignore_index=UNLABELED)
-    return logits.sum() * 0.0
+__all__ = ["ImageClassifier"]
 
 
 class ImageClassifier(pl.LightningModule):

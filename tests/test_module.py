@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_opt.data import DigitsDataModule
-from lightning_opt.module import ImageClassifier, labeled_cross_entropy
+from lightning_opt.distillation.losses import labeled_cross_entropy
+from lightning_opt.module import ImageClassifier
 
 
 def test_labeled_cross_entropy_ignores_unlabelled_samples():

@@ -17,13 +17,16 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_opt.targets import IGNORE_INDEX, UNLABELED
+
 __all__ = [
+    "DistillationLoss",
     "FeatureAdapter",
     "FeatureDistillationLoss",
     "HintonLoss",
@@ -32,9 +35,11 @@ __all__ = [
     "check_alpha",
     "check_divergence",
     "check_temperature",
+    "distillation_loss",
     "feature_loss",
     "hinton_loss",
     "kd_loss",
+    "labeled_cross_entropy",
     "token_kd_loss",
     "token_logits",
     "topk_kd_loss",
@@ -259,6 +264,96 @@ def topk_kd_loss(
     return token_kd_loss(student_logits.gather(1, teacher_indices.long()), teacher_values, temperature, kind, mask)
 
 
+def labeled_cross_entropy(logits: Tensor, target: Tensor, unlabeled: int = UNLABELED) -> Tensor:
+    """Cross-entropy averaged over the labelled samples only (label -1 marks an unlabelled one).
+
+    Args:
+        logits: ``(N, C)`` raw scores.
+        target: ``(N,)`` class indices, -1 for unlabelled samples.
+        unlabeled: The label of an unlabelled sample.
+
+    Returns:
+        The mean cross-entropy over the samples whose label is not -1; a zero that keeps the graph (so a backward pass
+        gives zero gradients) when the batch holds no labelled sample, where plain ``F.cross_entropy`` returns NaN.
+
+    Examples:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> ce = F.cross_entropy(logits[:1], torch.tensor([0]))
+        >>> bool(labeled_cross_entropy(logits, torch.tensor([0, -1])) == ce)
+        True
+        >>> labeled_cross_entropy(logits, torch.tensor([-1, -1])).item()
+        0.0
+    """
+    if bool((target != unlabeled).any()):
+        return F.cross_entropy(logits, target, ignore_index=unlabeled)
+    return logits.sum() * 0.0
+
+
+class DistillationLoss(NamedTuple):
+    """The parts of a distillation loss: ``loss = alpha * soft + (1 - alpha) * hard``."""
+
+    loss: Tensor
+    soft: Tensor
+    hard: Tensor
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.5,
+    temperature: float = 4.0,
+    kind: KDDivergence = "forward_kl",
+    teacher_indices: Tensor | None = None,
+) -> DistillationLoss:
+    """The soft/hard mix every distillation in this package uses, for classifiers and next-token models alike.
+
+    Rows are samples (``(N, C)`` logits) or tokens (``(B, L, V)`` logits, flattened by `token_logits`). A target of
+    ``UNLABELED`` (-1, the unlabelled transfer set) counts in the soft loss only; ``IGNORE_INDEX`` (-100, padding)
+    counts in neither. The soft loss is `kd_loss` (forward KL) or `token_kd_loss` (either direction, masked); with
+    ``teacher_indices`` the teacher is its top-k logits and the soft loss is `topk_kd_loss`.
+
+    Args:
+        student_logits: ``(N, C)`` or ``(B, L, V)`` raw student outputs.
+        teacher_logits: The teacher's outputs of the same shape, or its top-k values ``(..., k)``.
+        target: ``(N,)`` or ``(B, L)`` class indices, with -1 and -100 as above.
+        alpha: Weight of the soft term, in [0, 1].
+        temperature: Softmax temperature of the soft term, > 0.
+        kind: ``"forward_kl"`` or ``"reverse_kl"``.
+        teacher_indices: The token ids of the teacher's top-k values (same shape as ``teacher_logits``), or None.
+
+    Returns:
+        The loss and its soft and hard parts.
+
+    Raises:
+        ValueError: If ``alpha`` or ``temperature`` is out of range, or the shapes do not match.
+
+    Examples:
+        >>> s, t = torch.zeros(3, 4), torch.zeros(3, 4)
+        >>> parts = distillation_loss(s, t, torch.tensor([0, -1, 2]), alpha=0.0)
+        >>> round(parts.hard.item(), 4) == round(math.log(4), 4), parts.soft.item()
+        (True, 0.0)
+    """
+    a = check_alpha(alpha)
+    flat_student, flat_target = token_logits(student_logits, target)
+    flat_teacher, _ = token_logits(teacher_logits)
+    indices = None if teacher_indices is None else teacher_indices.reshape(flat_teacher.shape)
+    y = target if flat_target is None else flat_target
+    real: Tensor | None = y != IGNORE_INDEX if y.shape == flat_student.shape[:1] else None
+    if real is not None and not bool(real.all()):
+        y = y.masked_fill(~real, UNLABELED)
+    else:
+        real = None
+    hard = labeled_cross_entropy(flat_student, y)
+    if indices is not None:
+        soft = topk_kd_loss(flat_student, flat_teacher, indices, temperature, kind, mask=real)
+    elif kind == "forward_kl" and real is None:
+        soft = kd_loss(flat_student, flat_teacher, temperature)
+    else:
+        soft = token_kd_loss(flat_student, flat_teacher, temperature, kind, mask=real)
+    return DistillationLoss(a * soft + (1.0 - a) * hard, soft, hard)
+
+
 def hinton_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -268,10 +363,12 @@ def hinton_loss(
 ) -> Tensor:
     """Hinton KD mixed with the hard-label cross-entropy: ``alpha * kd_loss + (1 - alpha) * CE(student, target)``.
 
+    The loss of `distillation_loss` (forward KL): a target of -1 (unlabelled) gets the soft term only.
+
     Args:
         student_logits: ``(N, C)`` raw student outputs.
         teacher_logits: ``(N, C)`` raw teacher outputs (detached).
-        target: ``(N,)`` integer class labels.
+        target: ``(N,)`` integer class labels, -1 for an unlabelled sample.
         alpha: Weight of the soft term, in [0, 1].
         temperature: Softmax temperature of the soft term, > 0.
 
@@ -286,10 +383,7 @@ def hinton_loss(
         >>> round(hinton_loss(s, t, y, alpha=0.0).item(), 4) == round(math.log(3), 4)
         True
     """
-    a = check_alpha(alpha)
-    soft = kd_loss(student_logits, teacher_logits, temperature)
-    hard = F.cross_entropy(student_logits, target)
-    return a * soft + (1.0 - a) * hard
+    return distillation_loss(student_logits, teacher_logits, target, alpha, temperature).loss
 
 
 def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:

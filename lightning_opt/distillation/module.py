@@ -19,7 +19,6 @@ from typing_extensions import override
 
 from lightning_opt import inputs
 from lightning_opt._io import AtomicCheckpointIO, atomic_save
-from lightning_opt.data import UNLABELED
 from lightning_opt.distillation._teacher import freeze, load_teacher
 from lightning_opt.distillation.losses import (
     FeatureDistillationLoss,
@@ -28,14 +27,12 @@ from lightning_opt.distillation.losses import (
     check_alpha,
     check_divergence,
     check_temperature,
-    kd_loss,
-    token_kd_loss,
+    distillation_loss,
     token_logits,
-    topk_kd_loss,
 )
-from lightning_opt.lm import IGNORE_INDEX, TOKENIZER_KEY
-from lightning_opt.module import labeled_cross_entropy
+from lightning_opt.lm import TOKENIZER_KEY
 from lightning_opt.schedules import Schedule
+from lightning_opt.targets import IGNORE_INDEX, UNLABELED
 from lightning_opt.text import tokenizer_from_state
 
 __all__ = ["DistillationModule"]
@@ -518,24 +515,15 @@ class DistillationModule(LightningModule):
                 f"teacher and student outputs differ in shape: student {tuple(s_logits.shape)}, teacher "
                 f"{tuple(t_logits.shape)}. HINT: both must predict the same classes."
             )
-        s_logits, flat_y = token_logits(s_logits, y)  # next-token logits (B, L, V): one row per token
+        loss, soft, hard = distillation_loss(s_logits, t_logits, y, alpha, temperature, self.kd_loss, t_ids)
+        s_logits, flat_y = token_logits(s_logits, y)  # one row per sample or token, for the metrics below
         t_logits, _ = token_logits(t_logits)
         t_ids = None if t_ids is None else t_ids.reshape(t_logits.shape)
         y = flat_y if flat_y is not None else y
-        # Padding (-100) counts in neither loss; -1 (the unlabelled transfer set) gets the soft loss only.
         real = y != IGNORE_INDEX if y.shape == s_logits.shape[:1] else None
-        if real is not None and not bool(real.all()):
+        real = None if real is None or bool(real.all()) else real
+        if real is not None:
             y = y.masked_fill(~real, UNLABELED)
-        else:
-            real = None
-        hard = labeled_cross_entropy(s_logits, y)  # labelled samples only (-1: the unlabelled transfer set)
-        if t_ids is not None:  # renormalised over the teacher's top k
-            soft = topk_kd_loss(s_logits, t_logits, t_ids, temperature, self.kd_loss, mask=real)
-        elif self.kd_loss == "forward_kl" and real is None:
-            soft = kd_loss(s_logits, t_logits, temperature)  # every sample
-        else:
-            soft = token_kd_loss(s_logits, t_logits, temperature, self.kd_loss, mask=real)
-        loss = alpha * soft + (1.0 - alpha) * hard
         n = inputs.batch_size(x)
         log = {"train/hard_loss": hard.detach(), "train/soft_loss": soft.detach()}
         if self.feature_loss is not None:

@@ -61,6 +61,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_opt import inputs
+from lightning_opt.testing import quiet_trainer
 from lightning_opt.testing.zoo import ZOO, ZooDataModule, ZooModule, available
 
 __all__ = [
@@ -209,19 +210,7 @@ def _raised_by_plugin(err: BaseException) -> bool:
 
 
 def _trainer(root: str, callbacks: list[Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=MAX_STEPS,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=root,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    return quiet_trainer(root, callbacks, max_steps=MAX_STEPS, limit_val_batches=1, num_sanity_val_steps=0)
 
 
 def _rel_l2(out: Tensor, ref: Tensor) -> float:

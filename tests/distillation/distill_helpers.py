@@ -12,6 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_opt import testing
+
 
 class Net(pl.LightningModule):
     """A small classifier on 1x8x8 digits: conv features (named ``features``) then a linear head."""
@@ -83,17 +85,7 @@ class Digits(pl.LightningDataModule):
 
 
 def quiet_trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "default_root_dir": str(tmp_path),
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "limit_train_batches": 4,
-        "limit_val_batches": 1,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-    }
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    callbacks = kwargs.pop("callbacks", None)
+    return testing.quiet_trainer(
+        tmp_path, callbacks, **{"max_epochs": 1, "limit_train_batches": 4, "limit_val_batches": 1, **kwargs}
+    )

@@ -133,3 +133,29 @@ def test_agreement_counts_matching_top1() -> None:
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [3.0, 0.0]])
     t = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     assert agreement(s, t).item() == pytest.approx(0.75)
+
+
+def test_hinton_loss_takes_unlabelled_samples_in_the_soft_term_only() -> None:
+    from lightning_opt.distillation.losses import hinton_loss, kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    y = torch.tensor([0, -1, 2, -1, 4, 1])
+    keep = y != -1
+    expected = 0.3 * kd_loss(s, t, 2.0) + 0.7 * F.cross_entropy(s[keep], y[keep])
+    torch.testing.assert_close(hinton_loss(s, t, y, alpha=0.3, temperature=2.0), expected)
+
+
+def test_distillation_loss_counts_padding_tokens_nowhere() -> None:
+    from lightning_opt.distillation.losses import distillation_loss, token_kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    y = torch.tensor([[1, 2, -100, -100], [3, -1, 5, -100]])
+    parts = distillation_loss(s, t, y, alpha=0.5, temperature=1.0)
+    flat_s, flat_t, flat_y = s.reshape(-1, 7), t.reshape(-1, 7), y.reshape(-1)
+    real = flat_y != -100
+    labelled = real & (flat_y != -1)
+    torch.testing.assert_close(parts.hard, F.cross_entropy(flat_s[labelled], flat_y[labelled]))
+    torch.testing.assert_close(parts.soft, token_kd_loss(flat_s[real], flat_t[real], 1.0))
+    torch.testing.assert_close(parts.loss, 0.5 * parts.soft + 0.5 * parts.hard)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_opt import testing
+
 
 class Block(nn.Module):
     """A residual block with BatchNorm (channels coupled through the addition)."""
@@ -83,17 +85,6 @@ def loaders(n: int = 128, batch_size: int = 16, seed: int = 0) -> tuple[DataLoad
 
 
 def make_trainer(tmp_path: Any, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 2,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "logger": False,
-        "enable_checkpointing": False,
-        "limit_val_batches": 1,
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    return testing.quiet_trainer(
+        tmp_path, callbacks, **{"max_epochs": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, **kwargs}
+    )

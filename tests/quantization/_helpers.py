@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_opt import testing
+
 
 class TinyNet(nn.Module):
     """Conv-BN-ReLU x2, global average pool, dropout, linear head: exercises conv-bn fusion, BN and dropout."""
@@ -90,18 +92,5 @@ class TinyData(pl.LightningDataModule):
 
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        max_epochs=2,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    defaults = {"max_epochs": 2, "limit_train_batches": 4, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    return testing.quiet_trainer(tmp_path, callbacks, **{**defaults, **kwargs})
