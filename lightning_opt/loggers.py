@@ -60,8 +60,27 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         >>> logger.finalize("success")
     """
 
-    def __init__(self, *args: Any, default_hp_metric: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, default_hp_metric=default_hp_metric, **kwargs)
+    def __init__(
+        self,
+        save_dir: str | Path,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        log_graph: bool = False,
+        default_hp_metric: bool = False,
+        prefix: str = "",
+        sub_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            save_dir,
+            name=name,
+            version=version,
+            log_graph=log_graph,
+            default_hp_metric=default_hp_metric,
+            prefix=prefix,
+            sub_dir=sub_dir,
+            **kwargs,
+        )
 
     @override
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -296,7 +296,7 @@ class CompressionReport(Callback):
             if isinstance(final.get(key), int | float) and not isinstance(final.get(key), bool)
         }
         ratios = self.ratios()
-        order = [name for name in ratios if name != "final"][::-1] + ["final"]
+        order = [*[name for name in ratios if name != "final"][::-1], "final"]
         for key in HEADLINE_RATIOS:
             stage = next((name for name in order if key in ratios.get(name, {})), None)
             if stage is not None:
@@ -327,6 +327,8 @@ class CompressionReport(Callback):
                 for part in path.split("."):
                     value = getattr(value, part, None)
                 out[f"{prefix}/{path}"] = value
+                if obj is pl_module:
+                    out.pop(f"model/{path}", None)  # shown once, under the technique's name
         return out
 
     @rank_zero_only
@@ -336,7 +338,8 @@ class CompressionReport(Callback):
             folder = str(getattr(logger, "log_dir", None) or local_log_dir(trainer))
             if folder in self._sessions:
                 continue
-            if write_session(getattr(logger, "experiment", None), self.settings(trainer, pl_module), trainer.global_step):
+            experiment = getattr(logger, "experiment", None)
+            if write_session(experiment, self.settings(trainer, pl_module), trainer.global_step):
                 self._sessions.add(folder)
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,8 +400,9 @@ class CompressionReport(Callback):
 
 
 def _flatten_hparams(prefix: str, value: Mapping[str, Any], out: dict[str, Any], depth: int) -> None:
-    """``{"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1}}}`` -> ``optimizer: Adam``,
-    ``optimizer/lr: 0.1``; private keys (``_instantiator``) left out; below two levels a dict is one JSON value."""
+    """``{"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1, "eps": 1e-08}}}`` ->
+    ``optimizer: Adam``, ``optimizer/lr: 0.1`` (a class's arguments that differ from its defaults); private keys
+    (``_instantiator``) left out; below two levels a dict is one JSON value."""
     for key, item in value.items():
         if str(key).startswith("_"):
             continue
@@ -406,7 +410,24 @@ def _flatten_hparams(prefix: str, value: Mapping[str, Any], out: dict[str, Any],
         if isinstance(item, Mapping) and depth < 2:
             if "class_path" in item:
                 out[name] = str(item["class_path"]).rsplit(".", 1)[-1]
-                item = item.get("init_args") or {}
+                item = _non_default(str(item["class_path"]), item.get("init_args") or {})
             _flatten_hparams(name, item, out, depth + 1)
         else:
             out[name] = item
+
+
+def _non_default(class_path: str, init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments in ``init_args`` that differ from the defaults of ``class_path`` (all when it cannot be read)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return dict(init_args)
+    return {
+        k: v
+        for k, v in init_args.items()
+        if k not in parameters or parameters[k].default is inspect.Parameter.empty or parameters[k].default != v
+    }
