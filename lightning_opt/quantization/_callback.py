@@ -658,11 +658,13 @@ class QuantizationAwareTraining(_Int8Callback):
         if (self._val_runs - 1) % self.log_every_n_val or trainer.global_rank != 0:
             return
         metrics: dict[str, float] = {}  # one layer name (the conv/linear module) across every quant/ tag
-        for layer, params in _pt2e.layer_quant_params(graph).items():
+        quantized = {layer: params for layer, params in _pt2e.layer_quant_params(graph).items() if params}
+        for layer, params in quantized.items():
             for key, value in params.items():
                 metrics[f"quant/{key}/{layer}"] = value
         for layer, value in _pt2e.layer_sqnr(graph, self._val_batch).items():
-            metrics[f"quant/sqnr_db/{layer}"] = min(value, 200.0)
+            if layer in quantized:  # a skipped (fp32) layer has no quant/ tags
+                metrics[f"quant/sqnr_db/{layer}"] = min(value, 200.0)
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -142,7 +142,10 @@ def _read_run(run: Path) -> dict[str, Any]:
         "hparam": set(),
         "sessions": 0,
     }
-    content = acc.PluginTagToContent("hparams").get("_hparams_/session_start_info")
+    try:
+        content = acc.PluginTagToContent("hparams").get("_hparams_/session_start_info")
+    except KeyError:  # no HParams data in this run
+        content = None
     if content is not None:
         out["hparam"] = set(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
     for file in sorted(run.glob("*tfevents*")):  # every session ever written, not only the one TensorBoard keeps
