@@ -426,8 +426,14 @@ def _non_default(class_path: str, init_args: Mapping[str, Any]) -> dict[str, Any
         parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
     except (ImportError, AttributeError, ValueError, TypeError):
         return dict(init_args)
-    return {
-        k: v
-        for k, v in init_args.items()
-        if k not in parameters or parameters[k].default is inspect.Parameter.empty or parameters[k].default != v
-    }
+
+    def is_default(key: str, value: Any) -> bool:
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if isinstance(value, list) and isinstance(default, tuple):  # YAML has no tuples
+            value = tuple(value)
+        try:
+            return default is not inspect.Parameter.empty and bool(default == value)
+        except Exception:  # a default that does not compare to a plain value (a tensor)
+            return False
+
+    return {k: v for k, v in init_args.items() if not is_default(k, v)}
