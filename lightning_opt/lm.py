@@ -480,7 +480,7 @@ class LanguageModel(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._step(batch, None)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)  # one tag: `train/loss`
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:

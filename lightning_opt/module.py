@@ -86,8 +86,8 @@ class ImageClassifier(pl.LightningModule):
         logits = self(x)
         loss = labeled_cross_entropy(logits, y)
         metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train")
+        train = stage == "train"  # one tag each: `train/loss` per logged step, `val/loss`/`test/loss` per epoch
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=not train)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

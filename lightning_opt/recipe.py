@@ -37,10 +37,12 @@ __all__ = ["DEFAULT_LOGGER", "LightningOptCLI", "build_from_config", "load_recip
 DESCRIPTION = "Train a recipe (a LightningCLI config: model, data, trainer, callbacks, report) with lightning-opt."
 
 DEFAULT_LOGGER = {
-    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "class_path": "lightning_opt.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "runs", "name": "lightning_opt"},
 }
-"""Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``."""
+"""Where runs land unless a recipe names another logger: ``tensorboard --logdir runs``. The project's logger
+(`lightning_opt.loggers.TensorBoardLogger`) logs no ``hp_metric = -1`` and no ``epoch`` scalar: the run's one
+HParams session comes from the compression report when fit ends."""
 
 
 def _union_bullets(lines: list[str]) -> list[list[str]]:

@@ -44,7 +44,9 @@ def test_report_before_after_in_tensorboard_json_and_markdown(tmp_path):
     assert "| parameters |" in markdown and "baseline / final" in markdown
 
     scalars, texts = read_tensorboard(tmp_path / "run")
-    assert {"train/loss_step", "val/acc", "val/loss", "report/final/flops", "report/baseline/params"} <= set(scalars)
+    assert {"train/loss", "val/acc", "val/loss", "report/final/flops", "report/baseline/params"} <= set(scalars)
+    # Lightning's own logger logged hp_metric = -1 at the start; the report makes it the monitored metric
+    assert scalars["hp_metric"][-1] == pytest.approx(data["stages"]["final"]["val/acc"])
     assert any("| FLOPs / forward |" in t for t in texts["compression_report/text_summary"])
 
 

@@ -450,9 +450,10 @@ class QuantizationAwareTraining(_Int8Callback):
     on the test set and timed beside the fp32 model; the figures become the ``int8`` column of the
     `CompressionReport` and a ``.json`` next to the artifact.
 
-    TensorBoard (each validation during QAT): ``quant/scale/<layer>``, ``quant/zero_point/<layer>``,
-    ``quant/weight_scale/<layer>``, ``quant/sqnr_db/<layer>`` (fake-quant vs fp32 on a validation batch); at the end
-    ``quant/int8/test_acc`` beside ``quant/int8/fp32_test_acc``.
+    TensorBoard (each validation during QAT), per conv/linear layer of the quantized module, one name across the
+    tags: ``quant/scale/<layer>`` and ``quant/zero_point/<layer>`` (of the layer's quantized input),
+    ``quant/weight_scale/<layer>`` (mean per-channel scale of its weight), ``quant/sqnr_db/<layer>`` (its output,
+    fake-quant vs fp32 on a validation batch); at the end ``quant/int8/test_acc`` beside ``quant/int8/fp32_test_acc``.
 
     Args:
         module: attribute path of the submodule to quantize; default: the model's ``backbone`` if it has one.
@@ -712,15 +713,14 @@ class QuantizationAwareTraining(_Int8Callback):
         self._val_runs += 1
         if (self._val_runs - 1) % self.log_every_n_val or trainer.global_rank != 0:
             return
-        metrics: dict[str, float] = {}
-        for layer, params in _pt2e.quant_ranges(graph).items():
-            if "scale" in params:
-                metrics[f"quant/scale/{layer}"] = params["scale"]
-                metrics[f"quant/zero_point/{layer}"] = params["zero_point"]
-            else:
-                metrics[f"quant/weight_scale/{layer}"] = params["scale_mean"]
+        metrics: dict[str, float] = {}  # one layer name (the conv/linear module) across every quant/ tag
+        quantized = {layer: params for layer, params in _pt2e.layer_quant_params(graph).items() if params}
+        for layer, params in quantized.items():
+            for key, value in params.items():
+                metrics[f"quant/{key}/{layer}"] = value
         for layer, value in _pt2e.layer_sqnr(graph, self._val_batch).items():
-            metrics[f"quant/sqnr_db/{layer}"] = min(value, 200.0)
+            if layer in quantized:  # a skipped (fp32) layer has no quant/ tags
+                metrics[f"quant/sqnr_db/{layer}"] = min(value, 200.0)
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -946,6 +946,64 @@ def quant_ranges(graph: torch.fx.GraphModule) -> dict[str, dict[str, float]]:
     return out
 
 
+def _quantizer_feeding(node: Any, graph: torch.fx.GraphModule, depth: int = 3) -> nn.Module | None:
+    """The activation-post-process module whose output ``node`` is, looking back through up to ``depth`` nodes."""
+    for _ in range(depth):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "call_module" and str(node.target).startswith("activation_post_process"):
+            return graph.get_submodule(str(node.target))
+        node = node.args[0] if node.args else None
+    return None
+
+
+def _qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
+    if isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor):
+        return scale, zero_point
+    obs: Any = getattr(module, "activation_post_process", module)
+    if not hasattr(obs, "calculate_qparams"):
+        return None
+    try:
+        scale, zero_point = obs.calculate_qparams()
+    except Exception:
+        return None
+    return scale, zero_point
+
+
+def layer_quant_params(graph: torch.fx.GraphModule) -> dict[str, dict[str, float]]:
+    """Quantization parameters of each conv/linear layer of a prepared graph, named as `layer_sqnr` names them.
+
+    Returns:
+        ``{layer: {"scale": ..., "zero_point": ..., "weight_scale": ...}}``: the scale and zero point of the layer's
+        quantized input, the mean per-channel scale of its quantized weight (each key present when that input is
+        quantized).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target not in _COMPUTE_TARGETS:
+            continue
+        name, i = _node_layer_name(node), 1
+        key = name
+        while key in out:
+            i += 1
+            key = f"{name}#{i}"
+        params: dict[str, float] = {}
+        for arg, which in ((node.args[0], "input"), (node.args[1] if len(node.args) > 1 else None, "weight")):
+            module = _quantizer_feeding(arg, graph)
+            qparams = None if module is None else _qparams(module)
+            if qparams is None:
+                continue
+            scale, zero_point = qparams
+            if which == "input":
+                params["scale"] = float(scale.float().flatten()[0])
+                params["zero_point"] = float(zero_point.float().flatten()[0])
+            else:
+                params["weight_scale"] = float(scale.float().mean())
+        out[key] = params
+    return out
+
+
 def _users_through_dequant(node: torch.fx.Node, depth: int = 3) -> list[torch.fx.Node]:
     """Users of ``node``, looking through up to ``depth`` intermediate nodes (reshape, dequantize, ...)."""
     found: list[torch.fx.Node] = []

@@ -5,9 +5,9 @@ import datetime as _dt
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -18,12 +18,16 @@ from typing_extensions import override
 from lightning_opt import inputs
 from lightning_opt._io import atomic_write
 from lightning_opt._utils import find_callback, local_log_dir
+from lightning_opt.loggers import write_session
 from lightning_opt.measure import count_parameters, measure_latency, measure_model, saved_size_bytes
 
 __all__ = ["CompressionReport", "format_language_model_markdown", "format_report_markdown", "language_model_figures"]
 
 #: Figures whose baseline / stage ratio the report states (bigger ratio = smaller or faster).
 RATIO_KEYS = ("params", "nonzero_params", "size_bytes", "size_bytes_compressed", "flops", "latency_ms")
+
+#: The ratios a run's headline shows as ``hp/<figure>_ratio``: what is left, how big, how fast.
+HEADLINE_RATIOS = ("nonzero_params", "size_bytes", "latency_ms")
 
 _LABELS = {
     "params": "parameters",
@@ -111,6 +115,13 @@ class CompressionReport(Callback):
     Figures: ``params``, ``nonzero_params``, ``sparsity``, ``size_bytes``, ``size_bytes_compressed``, ``flops``,
     ``latency_ms``, ``latency_spread_ms`` and the metrics (``monitor``, ``test_metric``).
 
+    TensorBoard: once per run, when fit ends, an HParams session of the run's settings (`settings`: the model's
+    class and arguments, the key arguments of each compression callback) whose metrics are the run's headline
+    (`headline`, scalars under ``hp/``): the monitored metric, the test metric, and the nonzero-parameter,
+    size and latency ratios of the compressed model (baseline / the last stage that measures it: ``int8``,
+    ``channels removed``, else ``final``). A logger of Lightning's that logs ``hp_metric = -1`` gets ``hp_metric``
+    set to the monitored metric; `lightning_opt.loggers.TensorBoardLogger` logs no ``hp_metric``.
+
     Args:
         monitor: The validation metric recorded with each stage.
         test_metric: The test metric recorded after ``trainer.test``.
@@ -135,6 +146,15 @@ class CompressionReport(Callback):
         >>> report.stages
         {'baseline': {'params': 100}}
     """
+
+    #: The key settings a run's HParams session shows, by class name (of a callback or of the LightningModule, matched
+    #: along its class hierarchy): attribute paths, shown as ``<class>/<path>``. Extend it for your own callbacks.
+    SETTINGS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Pruning": ("schedule.final", "granularity", "criterion", "scope", "schedule"),
+        "QuantizationAwareTraining": ("start", "scheme", "module"),
+        "PostTrainingQuantization": ("calibration_batches", "scheme", "module"),
+        "DistillationModule": ("alpha", "temperature", "kd_loss", "student"),
+    }
 
     def __init__(
         self,
@@ -173,6 +193,7 @@ class CompressionReport(Callback):
         self.output_dir: Path | None = None
         #: Files this callback wrote in the run, by what they hold (printed at the end of ``lightning-opt fit``).
         self.artifacts: dict[str, str] = {}
+        self._sessions: set[str] = set()  # the run folders that have their HParams session
 
     @staticmethod
     def find(trainer: pl.Trainer) -> CompressionReport | None:
@@ -258,6 +279,7 @@ class CompressionReport(Callback):
             if name not in self.language_model and isinstance(artifact, str) and artifact.endswith(".pt2"):
                 self._language_model_stage(trainer, pl_module, name, artifact)
         self.write(trainer)
+        self.log_session(trainer, pl_module)
 
     # ---------------------------------------------------------------- language-model section
     def _language_model_stage(
@@ -305,6 +327,74 @@ class CompressionReport(Callback):
             }
             out[name] = {k: v for k, v in out[name].items() if figures.get(k)}
         return out
+
+    def headline(self) -> dict[str, float]:
+        """The run's results that its HParams session shows, as ``hp/`` scalars.
+
+        ``hp/<monitor>`` and ``hp/<test_metric>`` of the ``final`` stage, and ``hp/<figure>_ratio`` (baseline / stage)
+        for the figures of `HEADLINE_RATIOS`, from the last stage other than ``final`` that measures the figure
+        (an ``int8`` artifact, ``channels removed``), else from ``final``.
+
+        Examples:
+            >>> report = CompressionReport()
+            >>> report.add_stage("baseline", {"latency_ms": 2.0, "nonzero_params": 100})
+            >>> report.add_stage("int8", {"latency_ms": 1.0})
+            >>> report.add_stage("final", {"latency_ms": 2.0, "nonzero_params": 25, "val/acc": 0.9})
+            >>> report.headline()
+            {'hp/val/acc': 0.9, 'hp/nonzero_params_ratio': 4.0, 'hp/latency_ms_ratio': 2.0}
+        """
+        final = self.stages.get("final", {})
+        out = {
+            f"hp/{key}": float(final[key])
+            for key in (self.monitor, self.test_metric)
+            if isinstance(final.get(key), int | float) and not isinstance(final.get(key), bool)
+        }
+        ratios = self.ratios()
+        order = [*[name for name in ratios if name != "final"][::-1], "final"]
+        for key in HEADLINE_RATIOS:
+            stage = next((name for name in order if key in ratios.get(name, {})), None)
+            if stage is not None:
+                out[f"hp/{key}_ratio"] = float(ratios[stage][key])
+        return out
+
+    def settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The run's settings that its HParams session shows.
+
+        ``model`` (the LightningModule's class), ``model/<argument>`` (its saved hyperparameters: nested class
+        configurations as the class name and its arguments, two levels deep), and ``<Class>/<attribute>`` for the
+        callbacks and module named in `SETTINGS` (``Pruning/schedule.final``, ``QuantizationAwareTraining/start``,
+        ``DistillationModule/alpha``...). Class names sort before ``model`` in TensorBoard, so the compression settings
+        are the first columns.
+        """
+        out: dict[str, Any] = {"model": type(pl_module).__name__}
+        _flatten_hparams("model", dict(pl_module.hparams), out, depth=0)
+        seen: dict[str, int] = {}
+        for obj in [pl_module, *trainer.callbacks]:  # type: ignore[attr-defined]
+            names = [cls.__name__ for cls in type(obj).__mro__]
+            name = next((n for n in names if n in self.SETTINGS), None)
+            if name is None:
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            prefix = name if seen[name] == 1 else f"{name}#{seen[name]}"
+            for path in self.SETTINGS[name]:
+                value: Any = obj
+                for part in path.split("."):
+                    value = getattr(value, part, None)
+                out[f"{prefix}/{path}"] = value
+                if obj is pl_module:
+                    out.pop(f"model/{path}", None)  # shown once, under the technique's name
+        return out
+
+    @rank_zero_only
+    def log_session(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the run's HParams session (`settings`) into each TensorBoard logger, once per run folder."""
+        for logger in trainer.loggers:
+            folder = str(getattr(logger, "log_dir", None) or local_log_dir(trainer))
+            if folder in self._sessions:
+                continue
+            experiment = getattr(logger, "experiment", None)
+            if write_session(experiment, self.settings(trainer, pl_module), trainer.global_step):
+                self._sessions.add(folder)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -359,11 +449,17 @@ class CompressionReport(Callback):
                     if isinstance(value, (int, float)) and not isinstance(value, bool)
                 }
             )
+            headline = self.headline()
+            scalars.update(headline)
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if experiment is not None and hasattr(experiment, "add_text"):
                     experiment.add_text("compression_report", table, global_step=step)
-                logger.log_metrics(scalars, step=step)
+                extra = {}
+                # Lightning's own logger logged `hp_metric = -1` at the start: make it the monitored metric
+                if getattr(logger, "_default_hp_metric", False) and f"hp/{self.monitor}" in headline:
+                    extra["hp_metric"] = headline[f"hp/{self.monitor}"]
+                logger.log_metrics({**scalars, **extra}, step=step)
                 logger.save()
         return files
 
@@ -512,3 +608,44 @@ def format_language_model_markdown(stages: dict[str, dict[str, Any]], baseline: 
                 row.append(f"{a / b:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _flatten_hparams(prefix: str, value: Mapping[str, Any], out: dict[str, Any], depth: int) -> None:
+    """``{"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1, "eps": 1e-08}}}`` ->
+    ``optimizer: Adam``, ``optimizer/lr: 0.1`` (a class's arguments that differ from its defaults); private keys
+    (``_instantiator``) left out; below two levels a dict is one JSON value.
+    """
+    for key, item in value.items():
+        if str(key).startswith("_"):
+            continue
+        name = f"{prefix}/{key}"
+        if isinstance(item, Mapping) and depth < 2:
+            if "class_path" in item:
+                out[name] = str(item["class_path"]).rsplit(".", 1)[-1]
+                item = _non_default(str(item["class_path"]), item.get("init_args") or {})
+            _flatten_hparams(name, item, out, depth + 1)
+        else:
+            out[name] = item
+
+
+def _non_default(class_path: str, init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments in ``init_args`` that differ from the defaults of ``class_path`` (all when it cannot be read)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return dict(init_args)
+
+    def is_default(key: str, value: Any) -> bool:
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if isinstance(value, list) and isinstance(default, tuple):  # YAML has no tuples
+            value = tuple(value)
+        try:
+            return default is not inspect.Parameter.empty and bool(default == value)
+        except Exception:  # a default that does not compare to a plain value (a tensor)
+            return False
+
+    return {k: v for k, v in init_args.items() if not is_default(k, v)}

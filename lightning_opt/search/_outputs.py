@@ -1,4 +1,4 @@
-"""What a search leaves behind: summary table, CSV, best configs, TensorBoard HParams and Pareto plot."""
+"""What a search leaves behind: summary table, CSV, best configs, each trial's TensorBoard HParams session, plots."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_opt._io import atomic_path, atomic_write
+from lightning_opt.loggers import hparam_value, write_session_file
 from lightning_opt.search._results import SearchResult, counted_trials
 from lightning_opt.search._space import SearchSpace
 from lightning_opt.search._spec import SearchConfig
@@ -29,11 +30,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps(value)
     return str(value)
-
-
-def _hparam(value: Any) -> Any:
-    """A value the TensorBoard HParams plugin accepts (numbers, strings, bools)."""
-    return value if isinstance(value, bool | int | float | str) else json.dumps(value)
 
 
 def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
@@ -189,28 +185,32 @@ def _plot_pareto(trials: list[FrozenTrial], front: list[FrozenTrial], config: Se
 
 
 def _tensorboard(trials: list[FrozenTrial], config: SearchConfig, figures: dict[str, Any], run_dir: Path) -> Path:
+    """Each trial's HParams session in the trial's own run, the plots in the ``summary`` run.
+
+    A trial's session (its searched values and state) and its ``hp/`` scalars (objectives, steps, seconds: the
+    HParams tab's metric columns) go into ``trials/trial_NNNN/hparams.tfevents``, beside its training curves, so that
+    a search of N trials is N + 1 TensorBoard runs.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
-    hp_dir = run_dir / f".hparams.{os.getpid()}"  # written aside, then swapped in: workers may finish together
-    shutil.rmtree(hp_dir, ignore_errors=True)
     names = [o.name for o in config.objectives]
-    with SummaryWriter(log_dir=str(hp_dir)) as writer:
-        for t in trials:
-            params = config.space.decode_params(t.params)
-            hparams: dict[str, Any] = {k: _hparam(v) for k, v in params.items()}
-            hparams["state"] = t.state.name
-            metrics: dict[str, float] = {}
-            if t.values is not None:
-                metrics.update({f"search/{n}": float(v) for n, v in zip(names, t.values)})
-            elif t.intermediate_values:
-                metrics[f"search/{names[0]}"] = float(t.intermediate_values[max(t.intermediate_values)])
-            for extra in ("steps", "trial_seconds"):
-                if t.user_attrs.get(extra) is not None:
-                    metrics[f"search/{extra}"] = float(t.user_attrs[extra])
-            if not metrics:
-                metrics["search/steps"] = 0.0
-            writer.add_hparams(hparams, metrics, run_name=f"trial_{t.number:04d}")
-    _swap_in(hp_dir, run_dir / "hparams")
+    for t in trials:
+        trial_dir = t.user_attrs.get("trial_dir")
+        if not trial_dir or not Path(trial_dir).is_dir():
+            continue
+        params = config.space.decode_params(t.params)
+        hparams: dict[str, Any] = {k: hparam_value(v) for k, v in params.items()}
+        hparams["state"] = t.state.name
+        metrics: dict[str, float] = {}
+        if t.values is not None:
+            metrics.update({f"hp/{n}": float(v) for n, v in zip(names, t.values)})
+        elif t.intermediate_values:
+            metrics[f"hp/{names[0]}"] = float(t.intermediate_values[max(t.intermediate_values)])
+        for extra in ("steps", "trial_seconds"):
+            if t.user_attrs.get(extra) is not None:
+                metrics[f"hp/{extra}"] = float(t.user_attrs[extra])
+        write_session_file(trial_dir, hparams, metrics, step=int(t.user_attrs.get("steps") or 0))
+    shutil.rmtree(run_dir / "hparams", ignore_errors=True)  # the separate HParams runs of earlier versions
     summary_dir = run_dir / f".summary.{os.getpid()}"
     shutil.rmtree(summary_dir, ignore_errors=True)
     with SummaryWriter(log_dir=str(summary_dir)) as writer:

@@ -36,7 +36,7 @@ __all__ = ["load_search_recipe", "run_search"]
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _QUIET_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
-_TB_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+_TB_LOGGER = "lightning_opt.loggers.TensorBoardLogger"
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's emitter: the same text, ~4x faster
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import optuna
@@ -59,17 +60,23 @@ def test_search_end_to_end_outputs_and_best_yaml_reproduces(make_recipe, tmp_pat
     assert {r["state"] for r in rows} == {"COMPLETE"}
     assert all(0.0 <= float(r["outside_training_share"]) < 1.0 for r in rows)
     assert (run / "history.png").stat().st_size > 1000
-    # TensorBoard HParams view: one session per trial with its searched values, objectives as metrics
+    # TensorBoard: one run per trial (its curves and its HParams session: searched values, objectives as hp/ metrics)
+    # plus the summary run, nothing else
+    runs = {Path(root) for root, _, files in os.walk(run) if any("tfevents" in f for f in files)}
+    assert runs == {run / "summary"} | {run / "trials" / f"trial_{t.number:04d}" for t in trials}
     for t in trials:
-        acc = EventAccumulator(str(run / "hparams" / f"trial_{t.number:04d}"))
+        acc = EventAccumulator(str(run / "trials" / f"trial_{t.number:04d}"))
         acc.Reload()
-        content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        tags = acc.PluginTagToContent("hparams")
+        assert set(tags) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}  # one session
+        content = tags["_hparams_/session_start_info"]
         hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
         assert hparams["model.init_args.optimizer.init_args.lr"].number_value == pytest.approx(
             t.params["model.init_args.optimizer.init_args.lr"]
         )
         assert hparams["state"].string_value == "COMPLETE"
-        assert acc.Scalars("search/val/acc")[0].value == pytest.approx(t.values[0])
+        assert acc.Scalars("hp/val/acc")[0].value == pytest.approx(t.values[0])
+        assert "val/acc" in acc.Tags()["scalars"]  # the trial's own curves in the same run
     summary = EventAccumulator(str(run / "summary"))
     summary.Reload()
     assert "search/history" in summary.Tags()["images"]
