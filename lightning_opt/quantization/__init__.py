@@ -14,13 +14,7 @@ Public API:
 """
 
 from lightning_opt.quantization import _linear as linear
-from lightning_opt.quantization._callback import (
-    CHECKPOINT_KEY,
-    PostTrainingQuantization,
-    QuantizationAwareTraining,
-    calibrate,
-    restore_quantized_structure,
-)
+from lightning_opt.quantization._callback import CHECKPOINT_KEY, calibrate, restore_quantized_structure
 from lightning_opt.quantization._onnx import OnnxRuntimeModel, export_onnx, quantize_onnx
 from lightning_opt.quantization._pt2e import (
     CompiledInference,
@@ -34,6 +28,8 @@ from lightning_opt.quantization._pt2e import (
     save_artifact,
     sqnr_db,
 )
+from lightning_opt.quantization._ptq import PostTrainingQuantization
+from lightning_opt.quantization._qat import QuantizationAwareTraining
 
 __all__ = [
     "CHECKPOINT_KEY",

@@ -33,8 +33,9 @@ class TrialCallback(Callback):
     pruned. A NaN or infinite training loss raises `NonFiniteLossError`; a ``monitor`` that the model does not
     log raises `ObjectiveNotLoggedError` (the search stops: every other trial would fail the same way).
 
-    It is added by the search loop to each trial's Trainer; it holds no state worth resuming (a trial is not resumed,
-    a dead worker's trial is re-run from scratch).
+    It is added by the search loop to each trial's Trainer. Its reports are part of the checkpoint: a dead worker's
+    trial re-run from that trial's ``last.ckpt`` reports its earlier validations again to the new trial and goes on
+    counting from there.
 
     Args:
         trial: The optuna trial of this fit.
@@ -61,6 +62,20 @@ class TrialCallback(Callback):
         self.monitor = monitor
         self.reported: dict[int, float] = {}
         self._last_global_step = -1
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"reported": dict(self.reported), "last_global_step": self._last_global_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reported = {int(k): float(v) for k, v in state_dict.get("reported", {}).items()}
+        self._last_global_step = int(state_dict.get("last_global_step", -1))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for step, value in sorted(self.reported.items()):  # a resumed trial: its history, for the trial pruner
+            self.trial.report(value, step)
 
     @override
     def on_train_batch_end(
@@ -127,6 +142,7 @@ class TrialProgress(Callback):
             completed=trainer.global_step,
             total=total if math.isfinite(total) else None,
             description=text,
+            refresh=force,  # after each validation the line is drawn at once, whatever the refresh rate
         )
 
     @override

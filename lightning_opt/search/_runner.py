@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from lightning_opt._io import atomic_write, check_output_dir
+from lightning_opt._utils import load_checkpoint
 from lightning_opt.measure import measure_model
 from lightning_opt.recipe import build_from_config, load_recipe, load_yaml
 from lightning_opt.search._callbacks import ObjectiveNotLoggedError, TrialCallback, TrialProgress
@@ -296,6 +297,60 @@ class _Search:
         before = [t for t in counted_trials(trials) if t.number < trial.number]
         return len(before) >= self.config.n_trials
 
+    @staticmethod
+    def _resume_from(trial: optuna.Trial) -> str | None:
+        """The ``last.ckpt`` of the dead trial this one re-runs (a retry of a lost worker), if that trial wrote one.
+
+        A retried trial then continues where the dead one stopped, exactly (same schedule, masks, data order), instead
+        of training again from the start; without a checkpoint (trials checkpoint only when the recipe asks) it starts
+        over, which gives the same result for a deterministic recipe.
+        """
+        trials = trial.study.get_trials(deepcopy=False)
+        frozen = next(t for t in reversed(trials) if t._trial_id == trial._trial_id)
+        failed = frozen.system_attrs.get("failed_trial")
+        if failed is None:
+            return None
+        dead_dir = trials[failed].user_attrs.get("trial_dir")
+        if not dead_dir:
+            return None
+        found = sorted(Path(dead_dir).rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            return None
+        load_checkpoint(found[-1])  # weights-only and readable, or the trial fails with that reason
+        return str(found[-1])
+
+    def _metrics(self, cli: Any, resumed: bool) -> dict[str, float]:
+        """What a trained trial is judged on: its logged metrics, test metrics, and measured size or latency."""
+        trainer, model, cfg = cli.trainer, cli.model, self.config
+        metrics = _scalar_metrics(dict(trainer.callback_metrics))
+        if resumed and any(o.name not in metrics for o in cfg.objectives):
+            # resumed from a checkpoint at the end of training: nothing ran, so validate the restored model
+            trainer.validate(model, datamodule=cli.datamodule, verbose=False)
+            metrics.update(_scalar_metrics(dict(trainer.callback_metrics)))
+        if self.need_test:
+            trainer.test(model, datamodule=cli.datamodule, verbose=False)
+            metrics.update(_scalar_metrics(dict(trainer.callback_metrics)))
+        if self.builtins:
+            kwargs = {"num_threads": 1, **cfg.latency}
+            figures = measure_model(model, model.example_input_array, latency="latency_ms" in self.builtins, **kwargs)
+            metrics.update({k: float(v) for k, v in figures.items()})
+        return metrics
+
+    def _objective_values(self, metrics: dict[str, float]) -> list[float]:
+        """The objectives' values, in order; an objective never logged stops the search, a non-finite one fails."""
+        result = []
+        for obj in self.config.objectives:
+            if obj.name not in metrics:
+                raise ObjectiveNotLoggedError(
+                    f"objective `{obj.name}` is not logged by the model; logged: {sorted(metrics)}."
+                    + suggest_keys(obj.name, metrics)
+                )
+            value = metrics[obj.name]
+            if not math.isfinite(value):
+                raise ValueError(f"objective `{obj.name}` is {value}")
+            result.append(value)
+        return result
+
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         cfg = self.config
         start = time.perf_counter()
@@ -322,35 +377,19 @@ class _Search:
                 if self.progress is not None:
                     monitor = self.monitor or cfg.objectives[0].name
                     trainer.callbacks.append(TrialProgress(self.progress, f"trial {trial.number}", monitor))
+                resume = self._resume_from(trial)
+                if resume is not None:
+                    trial.set_user_attr("resumed_from", resume)
                 fit_start = time.perf_counter()
                 try:
-                    trainer.fit(model, datamodule=cli.datamodule)
+                    trainer.fit(model, datamodule=cli.datamodule, ckpt_path=resume)
                 finally:
                     fit_s = time.perf_counter() - fit_start
                     trial.set_user_attr("steps", int(trainer.global_step))
                 if trainer.interrupted:
                     raise RuntimeError("the fit was interrupted")
-                metrics = _scalar_metrics(dict(trainer.callback_metrics))
-                if self.need_test:
-                    trainer.test(model, datamodule=cli.datamodule, verbose=False)
-                    metrics.update(_scalar_metrics(dict(trainer.callback_metrics)))
-                if self.builtins:
-                    kwargs = {"num_threads": 1, **cfg.latency}
-                    figures = measure_model(
-                        model, model.example_input_array, latency="latency_ms" in self.builtins, **kwargs
-                    )
-                    metrics.update({k: float(v) for k, v in figures.items()})
-            result = []
-            for obj in cfg.objectives:
-                if obj.name not in metrics:
-                    raise ObjectiveNotLoggedError(
-                        f"objective `{obj.name}` is not logged by the model; logged: {sorted(metrics)}."
-                        + suggest_keys(obj.name, metrics)
-                    )
-                value = metrics[obj.name]
-                if not math.isfinite(value):
-                    raise ValueError(f"objective `{obj.name}` is {value}")
-                result.append(value)
+                metrics = self._metrics(cli, resumed=resume is not None)
+            result = self._objective_values(metrics)
             trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if math.isfinite(v)})
             return result[0] if len(result) == 1 else result
         except optuna.TrialPruned:

@@ -120,3 +120,70 @@ def test_two_workers_share_a_postgres_study(make_recipe, postgres_url, subproces
     assert len({t.user_attrs["worker"] for t in counted}) == 2
     # the seed gives each trial number its own draw: the two workers did not repeat each other
     assert len({t.params["model.init_args.optimizer.init_args.lr"] for t in counted}) == n_trials
+
+
+def test_killed_trial_resumes_from_its_checkpoint_bitwise(make_recipe, tmp_path, subprocess_env) -> None:
+    """A trial whose worker is killed after a checkpoint is re-run from that checkpoint and ends bitwise equal to the
+    same trial run without interruption."""
+    import torch
+
+    from lightning_opt.recipe import build_from_config
+
+    ckpt_cb = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"save_last": True, "every_n_epochs": 1},
+    }
+    recipe = make_recipe(
+        search={
+            "space": {"model.init_args.optimizer.init_args.lr": {"low": 1e-3, "high": 3e-2, "log": True}},
+            "n_trials": 1,
+            "heartbeat_interval": 1,
+            "grace_period": 3,
+        },
+        **{"trainer.max_epochs": 30, "trainer.limit_train_batches": 4, "trainer.callbacks": [ckpt_cb]},
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "lightning_opt", "search", "--config", str(recipe)],
+        cwd=REPO_ROOT,
+        env=subprocess_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline, dead_dir = time.time() + 180, None
+        while time.time() < deadline and dead_dir is None:  # wait for the trial's first last.ckpt
+            time.sleep(0.2)
+            assert worker.poll() is None, "the worker ended before it could be killed"
+            found = list((tmp_path / "run" / "trials").rglob("last.ckpt"))
+            if found:
+                dead_dir = found[0]
+        assert dead_dir is not None, "no trial wrote a checkpoint in time"
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
+    killed_at = torch.load(dead_dir, map_location="cpu", weights_only=True)["global_step"]
+
+    result = run_search(recipe, console=Console(file=io.StringIO()))
+    retried = next(t for t in result.study.trials if "failed_trial" in t.system_attrs)
+    assert retried.state == optuna.trial.TrialState.COMPLETE
+    assert retried.user_attrs["resumed_from"].endswith("last.ckpt")
+    assert retried.user_attrs["steps"] == 30 * 4 and 0 < killed_at < 30 * 4
+    resumed = torch.load(next(Path(retried.user_attrs["trial_dir"]).rglob("last.ckpt")), weights_only=True)
+
+    # the same trial without interruption: its run.yaml (the dead trial's) built and fit from the start
+    dead_trial_dir = Path(result.study.trials[retried.system_attrs["failed_trial"]].user_attrs["trial_dir"])
+    reference = build_from_config(
+        [
+            "--config",
+            str(dead_trial_dir / "run.yaml"),
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'reference'}",
+        ],
+        save_config_callback=None,
+    )
+    reference.trainer.fit(reference.model, datamodule=reference.datamodule)
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed["state_dict"][name]), name
