@@ -2,8 +2,14 @@
 
 A cell passes when it *works* (the technique's own result checked, see ``lightning_opt/testing/matrix.py``) or is
 *refused* before training with a message; a *crash* or a *silent* wrong result fails. Known failures, being fixed on
-other branches, are listed once in :data:`KNOWN_FAILURES` (strict xfail: a fixed cell fails the suite until its row
-is deleted). Quick cells run by default; slow ones (int8 conversion, export, Torch-Pruning's graph) carry ``slow``.
+other branches, are listed once in `KNOWN_FAILURES` (strict xfail: a fixed cell fails the suite until its row is
+deleted).
+
+Quick cells run in the default suite. The slow cells (int8 conversion, export, Torch-Pruning's graph: about half an
+hour for the 13 architectures on 2 cores) carry the ``zoo`` marker, which the default run deselects: the suite keeps
+their hard cases in ``tests/pruning/test_pruning_zoo.py`` and ``tests/quantization/test_quant_zoo.py``, and the
+whole matrix runs with ``python -m pytest -m zoo tests/test_zoo_matrix.py`` or ``python benchmarks/zoo.py``, which
+writes ``docs/support.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ def _cells() -> list[pytest.ParameterSet]:
         for technique in TECHNIQUES:
             marks: list[pytest.MarkDecorator] = []
             if technique in SLOW_TECHNIQUES:
-                marks.append(pytest.mark.slow)
+                marks += [pytest.mark.slow, pytest.mark.zoo]
             if (model, technique) in KNOWN_FAILURES:
                 marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(model, technique)]))
             if not available(model):
