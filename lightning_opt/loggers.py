@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoardLogger
 from typing_extensions import override
 
@@ -50,6 +51,8 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
       `CompressionReport` at the end of fit.
     - The ``epoch`` value that Lightning adds to every logged dict is dropped (a metric named ``epoch`` too):
       steps are the x axis, ``val/*`` points mark the epochs, and the checkpoints keep the epoch.
+    - The run's folder and event file are made when something is first written, not when Lightning touches
+      ``experiment`` before the callbacks' ``setup``: a run that a technique refuses at setup leaves no folder.
 
     ``hparams.yaml`` is written as before. Every argument of Lightning's logger is accepted.
 
@@ -83,8 +86,30 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         )
 
     @override
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """The ``SummaryWriter``, created (with the run's folder) on first use: until then a stand-in that opens it."""
+        if self._experiment is not None:
+            return self._experiment
+        return _DeferredWriter(self)
+
+    def _open_writer(self) -> Any:
+        return _LightningTensorBoardLogger.experiment.fget(self)  # type: ignore[attr-defined]
+
+    @override
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
+class _DeferredWriter:
+    """Stands for a logger's ``SummaryWriter`` until an attribute of it is used, then opens it (folder and all)."""
+
+    def __init__(self, logger: TensorBoardLogger) -> None:
+        self._logger = logger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger._open_writer(), name)
 
 
 def hparam_value(value: Any) -> bool | float | str | None:

@@ -89,6 +89,8 @@ PROMISED: dict[str, tuple[str, ...]] = {
     "lm/teacher.yaml": LANGUAGE + REPORT,
     "lm/student.yaml": LANGUAGE + REPORT,
     "lm/distill.yaml": LANGUAGE + REPORT + DISTILLATION,
+    "lm/compress.yaml": LANGUAGE + REPORT + DISTILLATION + PRUNING + ("text:pruning/channel_removal",),
+    "plan/prune_mnist_compact.yaml": CLASSIFIER + REPORT + PRUNING,
     "search/hpo_digits.yaml": SEARCH + SEARCH_SUMMARY,
     "search/nas_digits.yaml": SEARCH + SEARCH_SUMMARY + ("summary:image:search/pareto_front",),
     "search/joint_width_sparsity_digits.yaml": SEARCH + SEARCH_SUMMARY + ("summary:image:search/pareto_front",),
