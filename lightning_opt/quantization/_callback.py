@@ -388,7 +388,10 @@ class _Int8Callback(Callback):
         with _artifact.swapped(pl_module, path, converted) as int8_model:
             artifact, size = _artifact.save_and_reload(int8_model, example, file)
         report = CompressionReport.find(trainer)
-        batch_size = self.latency_batch_size or (report.batch_size if report is not None else 1)
+        # one timing protocol per report: its fp32 rows and this int8 row share batch, threads and repeats
+        batch_size = report.batch_size if report is not None else (self.latency_batch_size or 1)
+        num_threads = report.num_threads if report is not None else self.num_threads
+        repeats = report.repeats if report is not None else 30
         reference = None
         figures: dict[str, Any] = {}
         with _artifact.swapped(pl_module, path, eager if eager is not None else graph) as fp32_model:
@@ -402,8 +405,9 @@ class _Int8Callback(Callback):
                     self._test_batches(trainer),
                     compile=self.compile,
                     latency=self.latency,
-                    num_threads=self.num_threads,
+                    num_threads=num_threads,
                     batch_size=batch_size,
+                    repeats=repeats,
                 )
             )
         figures["size_bytes"] = size

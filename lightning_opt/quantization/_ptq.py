@@ -34,8 +34,9 @@ class PostTrainingQuantization(_Int8Callback):
         evaluate: evaluate the artifact on the test set.
         compile: run it through inductor with freezing.
         latency: time it beside fp32.
-        num_threads: torch threads while timing.
-        latency_batch_size: rows of the timed input.
+        num_threads: torch threads while timing (with a `CompressionReport`, the report's threads, batch size and
+            repeats: its fp32 and int8 rows share one timing protocol).
+        latency_batch_size: rows of the timed input without a `CompressionReport` (default 1).
         scheme: ``"pt2e_static"`` (calibrated static graph), or ``"int8_dynamic"`` / ``"int8_weight_only"``
             (torchao ``quantize_`` on the Linear layers at fit end, no calibration).
 

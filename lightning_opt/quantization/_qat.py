@@ -55,8 +55,9 @@ class QuantizationAwareTraining(_Int8Callback):
         evaluate: evaluate the artifact on the datamodule's test set.
         compile: run the artifact through ``torch.compile`` with freezing (the deployed, fast form).
         latency: time the artifact and the fp32 model.
-        num_threads: torch threads while timing.
-        latency_batch_size: rows of the timed input; default the CompressionReport's batch size (or 1).
+        num_threads: torch threads while timing (with a `CompressionReport`, the report's threads, batch size and
+            repeats: its fp32 and int8 rows share one timing protocol).
+        latency_batch_size: rows of the timed input without a `CompressionReport` (default 1).
         log_every_n_val: log ranges and SQNR every n-th validation run (0 turns it off).
         scheme: ``"pt2e_static"`` (this graph path, for CNNs), or a torchao ``quantize_`` scheme for Linear-heavy
             models: ``"int8_dynamic"`` / ``"int8_weight_only"`` (fake-quantized ``nn.Linear``/``nn.Embedding`` from

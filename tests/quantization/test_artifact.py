@@ -33,8 +33,8 @@ def test_qat_fit_end_artifact_report_tensorboard_fresh_process(tmp_path):
         weight = model.backbone.features[0].weight
         weight.mul_(torch.rand_like(weight) > 0.5)
     pruned = int((weight == 0).sum())
-    qat = QuantizationAwareTraining(start=2, freeze_bn=0.8, compile=True)
-    report = CompressionReport(monitor="val/acc", repeats=3)
+    qat = QuantizationAwareTraining(start=2, freeze_bn=0.8, compile=True, num_threads=2, latency_batch_size=4)
+    report = CompressionReport(monitor="val/acc", repeats=3, batch_size=2)
     trainer = make_trainer(
         tmp_path,
         [qat, report],
@@ -55,6 +55,9 @@ def test_qat_fit_end_artifact_report_tensorboard_fresh_process(tmp_path):
     assert figures["latency_ms"] > 0 and figures["fp32_latency_ms"] > 0
     saved = json.loads((tmp_path / "run" / "version_0" / "report.json").read_text())
     assert saved["stages"]["int8"]["test/acc"] == figures["test/acc"]
+    # the report's rows share one timing protocol: its batch and threads, not the callback's own
+    assert (figures["latency_batch_size"], figures["latency_num_threads"]) == (2, 1)
+    assert saved["latency"] == {"batch_size": 2, "num_threads": 1, "repeats": 3}
 
     scalars, _ = read_tensorboard(tmp_path / "run")
     layers = {tag.rsplit("/", 1)[1] for tag in scalars if tag.startswith("quant/sqnr_db/")}
