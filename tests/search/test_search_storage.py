@@ -21,6 +21,17 @@ from lightning_opt.search._spec import _postgres_driver
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _worker(recipe: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A search worker in its own process, as a user starts one: `lightning-opt search --config RECIPE`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lightning_opt", "search", "--config", str(recipe)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _load(storage: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=_postgres_driver(storage))
 
@@ -36,13 +47,7 @@ def test_killed_worker_trial_is_failed_and_retried(make_recipe, tmp_path, subpro
         **{"trainer.max_epochs": 40, "trainer.limit_train_batches": 4},
     )
     storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "lightning_opt", "search", "--config", str(recipe)],
-        cwd=REPO_ROOT,
-        env=subprocess_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = _worker(recipe, subprocess_env)
     try:
         deadline = time.time() + 120
         running = None
@@ -142,13 +147,7 @@ def test_killed_trial_resumes_from_its_checkpoint_bitwise(make_recipe, tmp_path,
         },
         **{"trainer.max_epochs": 30, "trainer.limit_train_batches": 4, "trainer.callbacks": [ckpt_cb]},
     )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "lightning_opt", "search", "--config", str(recipe)],
-        cwd=REPO_ROOT,
-        env=subprocess_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = _worker(recipe, subprocess_env)
     try:
         deadline, dead_dir = time.time() + 180, None
         while time.time() < deadline and dead_dir is None:  # wait for the trial's first last.ckpt
