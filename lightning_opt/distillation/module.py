@@ -658,6 +658,17 @@ class DistillationModule(LightningModule):
         out.pop("distillation", None)
         return out
 
+    def _callback_records(self, trainer: Any) -> dict[str, Any]:
+        """What a checkpoint of the run would hold besides weights and loops: epoch, step, each callback's state and
+        what the callbacks add in ``on_save_checkpoint`` (the pruning and QAT records), through their public hooks.
+        """
+        records: dict[str, Any] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        states = {cb.state_key: cb.state_dict() for cb in trainer.callbacks}
+        records["callbacks"] = {key: state for key, state in states.items() if state}
+        for callback in trainer.callbacks:
+            callback.on_save_checkpoint(trainer, self, records)
+        return records
+
     def export_student(self, path: str) -> str:
         """Write the student alone as a Lightning checkpoint at ``path`` (rank zero writes) and return the path.
 
@@ -670,11 +681,8 @@ class DistillationModule(LightningModule):
             >>> type(ImageClassifier.load_from_checkpoint(path).backbone).__name__
             'MLP'
         """
-        full = None
         trainer = self._trainer
-        if trainer is not None:
-            full = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        ckpt = self.student_checkpoint(full)
+        ckpt = self.student_checkpoint(None if trainer is None else self._callback_records(trainer))
         if trainer is not None and type(trainer.strategy.checkpoint_io) not in (TorchCheckpointIO, AtomicCheckpointIO):
             trainer.strategy.save_checkpoint(ckpt, path)  # the user's own checkpoint plugin (remote, async)
         elif trainer is None or trainer.is_global_zero:
