@@ -58,10 +58,10 @@ def main(argv: Sequence[str]) -> int:
     trainer, model = cli.trainer, cli.model
     if args.no_test:
         model.load_state_dict(checkpoint["state_dict"])
-        figures = report.measure(model, report.example(trainer, model))
     else:
         trainer.test(model, datamodule=cli.datamodule, ckpt_path=str(ckpt), verbose=False)
-        figures = report.measure(model, report.example(trainer, model))
+    figures = report.measure(model, report.example(trainer, model))
+    if not args.no_test:
         value = trainer.callback_metrics.get(report.test_metric)
         figures[report.test_metric] = None if value is None else float(value)
     report.stages = {"checkpoint": figures}

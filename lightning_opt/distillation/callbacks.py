@@ -60,6 +60,12 @@ class StudentCheckpoint(Callback):
                 "HINT: a plain model's checkpoints already hold the student alone; use ModelCheckpoint."
             )
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a rehearsal of fit end before step 1: every callback's `on_save_checkpoint` runs on the records the
+        # student checkpoint is built from, so a callback that cannot take them fails now, not after training
+        pl_module.student_checkpoint(pl_module._callback_records(trainer))  # type: ignore[operator]
+
     def path(self, trainer: pl.Trainer) -> str:
         """The file this callback writes for ``trainer``."""
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir

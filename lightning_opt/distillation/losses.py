@@ -27,6 +27,7 @@ from lightning_opt.targets import IGNORE_INDEX, UNLABELED
 
 __all__ = [
     "DistillationLoss",
+    "DistillationRows",
     "FeatureAdapter",
     "FeatureDistillationLoss",
     "HintonLoss",
@@ -289,12 +290,27 @@ def labeled_cross_entropy(logits: Tensor, target: Tensor, unlabeled: int = UNLAB
     return logits.sum() * 0.0
 
 
+class DistillationRows(NamedTuple):
+    """The rows a distillation loss was computed on: one per sample or token.
+
+    ``target`` has padding (-100) turned into -1 (unlabelled); ``real`` marks the rows that are not padding, or is
+    None when every row is real.
+    """
+
+    student: Tensor
+    teacher: Tensor
+    teacher_indices: Tensor | None
+    target: Tensor
+    real: Tensor | None
+
+
 class DistillationLoss(NamedTuple):
-    """The parts of a distillation loss: ``loss = alpha * soft + (1 - alpha) * hard``."""
+    """The parts of a distillation loss: ``loss = alpha * soft + (1 - alpha) * hard``, and the rows it used."""
 
     loss: Tensor
     soft: Tensor
     hard: Tensor
+    rows: DistillationRows
 
 
 def distillation_loss(
@@ -323,7 +339,7 @@ def distillation_loss(
         teacher_indices: The token ids of the teacher's top-k values (same shape as ``teacher_logits``), or None.
 
     Returns:
-        The loss and its soft and hard parts.
+        The loss, its soft and hard parts, and the flattened rows (for metrics on the same rows).
 
     Raises:
         ValueError: If ``alpha`` or ``temperature`` is out of range, or the shapes do not match.
@@ -351,7 +367,8 @@ def distillation_loss(
         soft = kd_loss(flat_student, flat_teacher, temperature)
     else:
         soft = token_kd_loss(flat_student, flat_teacher, temperature, kind, mask=real)
-    return DistillationLoss(a * soft + (1.0 - a) * hard, soft, hard)
+    rows = DistillationRows(flat_student, flat_teacher, indices, y, real)
+    return DistillationLoss(a * soft + (1.0 - a) * hard, soft, hard, rows)
 
 
 def hinton_loss(

@@ -32,7 +32,7 @@ from lightning_opt.distillation.losses import (
 )
 from lightning_opt.lm import TOKENIZER_KEY
 from lightning_opt.schedules import Schedule
-from lightning_opt.targets import IGNORE_INDEX, UNLABELED
+from lightning_opt.targets import UNLABELED
 from lightning_opt.text import tokenizer_from_state
 
 __all__ = ["DistillationModule"]
@@ -515,15 +515,8 @@ class DistillationModule(LightningModule):
                 f"teacher and student outputs differ in shape: student {tuple(s_logits.shape)}, teacher "
                 f"{tuple(t_logits.shape)}. HINT: both must predict the same classes."
             )
-        loss, soft, hard = distillation_loss(s_logits, t_logits, y, alpha, temperature, self.kd_loss, t_ids)
-        s_logits, flat_y = token_logits(s_logits, y)  # one row per sample or token, for the metrics below
-        t_logits, _ = token_logits(t_logits)
-        t_ids = None if t_ids is None else t_ids.reshape(t_logits.shape)
-        y = flat_y if flat_y is not None else y
-        real = y != IGNORE_INDEX if y.shape == s_logits.shape[:1] else None
-        real = None if real is None or bool(real.all()) else real
-        if real is not None:
-            y = y.masked_fill(~real, UNLABELED)
+        loss, soft, hard, rows = distillation_loss(s_logits, t_logits, y, alpha, temperature, self.kd_loss, t_ids)
+        s_logits, t_logits, t_ids, y, real = rows  # one row per sample or token, for the metrics below
         n = inputs.batch_size(x)
         log = {"train/hard_loss": hard.detach(), "train/soft_loss": soft.detach()}
         if self.feature_loss is not None:

@@ -289,8 +289,7 @@ class _Search:
             fh.write(header + yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=False))
         return ["--config", str(path)]
 
-    def _over_budget(self, trial: optuna.Trial) -> bool:
-        trials = trial.study.get_trials(deepcopy=False)  # one storage read: this trial is among them
+    def _over_budget(self, trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial]) -> bool:
         frozen = next(t for t in reversed(trials) if t._trial_id == trial._trial_id)
         if "failed_trial" in frozen.system_attrs or "fixed_params" in frozen.system_attrs:
             return False  # a re-queued trial of a dead worker replaces one already counted
@@ -298,19 +297,16 @@ class _Search:
         return len(before) >= self.config.n_trials
 
     @staticmethod
-    def _resume_from(trial: optuna.Trial) -> str | None:
+    def _resume_from(trial: optuna.Trial, trials: list[optuna.trial.FrozenTrial]) -> str | None:
         """The ``last.ckpt`` of the dead trial this one re-runs (a retry of a lost worker), if that trial wrote one.
 
         A retried trial then continues where the dead one stopped, exactly (same schedule, masks, data order), instead
         of training again from the start; without a checkpoint (trials checkpoint only when the recipe asks) it starts
         over, which gives the same result for a deterministic recipe.
         """
-        trials = trial.study.get_trials(deepcopy=False)
         frozen = next(t for t in reversed(trials) if t._trial_id == trial._trial_id)
         failed = frozen.system_attrs.get("failed_trial")
-        if failed is None:
-            return None
-        dead_dir = trials[failed].user_attrs.get("trial_dir")
+        dead_dir = None if failed is None else trials[failed].user_attrs.get("trial_dir")
         if not dead_dir:
             return None
         found = sorted(Path(dead_dir).rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -355,7 +351,8 @@ class _Search:
         cfg = self.config
         start = time.perf_counter()
         self.last_number = trial.number
-        if self._over_budget(trial):
+        trials = trial.study.get_trials(deepcopy=False)  # one storage read: this trial is among them
+        if self._over_budget(trial, trials):
             trial.set_user_attr("skipped", "the budget was reached by other workers")
             raise _BudgetReachedError("budget reached")
         name = _trial_name(trial.number)
@@ -377,7 +374,7 @@ class _Search:
                 if self.progress is not None:
                     monitor = self.monitor or cfg.objectives[0].name
                     trainer.callbacks.append(TrialProgress(self.progress, f"trial {trial.number}", monitor))
-                resume = self._resume_from(trial)
+                resume = self._resume_from(trial, trials)
                 if resume is not None:
                     trial.set_user_attr("resumed_from", resume)
                 fit_start = time.perf_counter()

@@ -456,3 +456,26 @@ def test_distills_on_the_transfer_set_of_the_foundation_datamodule(tmp_path: Any
     trainer.fit(model, data)
     assert all(torch.isfinite(v) for v in trainer.callback_metrics.values())
     assert bool(model._cached.all()) and model._cache.shape[0] == len(data._splits["train"])  # teacher saw all images
+
+
+def test_student_export_is_rehearsed_before_the_first_step(tmp_path) -> None:
+    """A callback whose `on_save_checkpoint` cannot take the student's records fails at fit start, not at fit end."""
+    import lightning.pytorch as pl
+
+    class NeedsOptimizerStates(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            checkpoint["optimizer_states"][0]
+
+    class CountSteps(pl.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, *args) -> None:
+            CountSteps.steps += 1
+
+    model = DistillationModule(student=Net(width=4), teacher=Net(width=16))
+    callbacks = [NeedsOptimizerStates(), CountSteps(), StudentCheckpoint(dirpath=str(tmp_path))]
+    trainer = quiet_trainer(tmp_path, callbacks=callbacks, max_steps=2)
+    with pytest.raises(KeyError, match="optimizer_states"):
+        trainer.fit(model, Digits())
+    assert CountSteps.steps == 0
+    assert not (tmp_path / "student.ckpt").exists()
